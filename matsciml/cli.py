@@ -1,0 +1,146 @@
+"""The ``matsciml`` command line.
+
+Data subcommands (``data info|check|convert``, ``devset build|synthetic``) are plain
+argparse; heavy modules are imported only by the subcommand that needs them, so
+``matsciml --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _dataset_path(args: argparse.Namespace) -> Path:
+    if args.devset:
+        from matsciml.data.devsets import devset_path
+
+        task, _, split = args.devset.partition("/")
+        return devset_path(task, split or args.split)
+    if args.path is None:
+        raise SystemExit("error: give a dataset PATH or --devset TASK")
+    return Path(args.path)
+
+
+def _cmd_data_info(args: argparse.Namespace) -> None:
+    from matsciml.data.info import describe
+
+    describe(_dataset_path(args), as_json=args.json)
+
+
+def _cmd_data_check(args: argparse.Namespace) -> None:
+    from matsciml.data.check import check_dataset
+
+    check_dataset(
+        _dataset_path(args), task=args.task, batch_size=args.batch_size, cutoff=args.cutoff,
+        max_neighbors=args.max_neighbors, num_workers=args.num_workers, limit=args.limit,
+    )
+
+
+def _cmd_data_convert(args: argparse.Namespace) -> None:
+    from matsciml.data.convert import convert
+
+    convert(
+        args.sources, args.destination, task=args.task, records_per_shard=args.records_per_shard,
+        num_workers=args.workers, overwrite=args.overwrite, title=args.title,
+    )
+
+
+def _cmd_devset_build(args: argparse.Namespace) -> None:
+    from matsciml.data.devset_builder import build_devsets
+
+    build_devsets(args.out, seed=args.seed, overwrite=args.overwrite)
+
+
+def _cmd_devset_synthetic(args: argparse.Namespace) -> None:
+    from matsciml.data.synthetic import write_synthetic
+
+    write_synthetic(
+        args.destination, num_structures=args.num, task=args.task, seed=args.seed,
+        records_per_shard=args.records_per_shard, overwrite=args.overwrite,
+    )
+
+
+def _add_dataset_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", help="dataset directory or .lmdb file")
+    parser.add_argument("--devset", metavar="TASK[/SPLIT]", help="a shipped devset: s2ef or is2re")
+    parser.add_argument("--split", default="train", choices=("train", "val", "test"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from matsciml import __version__
+
+    parser = argparse.ArgumentParser(prog="matsciml", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"matsciml {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="inspect, check and convert datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    info = data_commands.add_parser("info", help="print a summary of any supported dataset")
+    _add_dataset_argument(info)
+    info.add_argument("--json", action="store_true", help="print the metadata card as JSON")
+    info.set_defaults(func=_cmd_data_info)
+
+    check = data_commands.add_parser(
+        "check", help="read every record, build graphs and batches, and report problems"
+    )
+    _add_dataset_argument(check)
+    check.add_argument("--task", choices=("s2ef", "is2re"), help="require this task's targets")
+    check.add_argument("--batch-size", type=int, default=8)
+    check.add_argument("--cutoff", type=float, default=6.0, help="radius graph cutoff in Å")
+    check.add_argument("--max-neighbors", type=int, default=50)
+    check.add_argument("--num-workers", type=int, default=0)
+    check.add_argument("--limit", type=int, help="stop after this many structures")
+    check.set_defaults(func=_cmd_data_check)
+
+    convert = data_commands.add_parser(
+        "convert", help="convert extxyz / ASE trajectory / ASE database / pymatgen files to matsciml LMDB"
+    )
+    convert.add_argument("sources", nargs="+", type=Path, help="input files or folders")
+    convert.add_argument("destination", type=Path, help="dataset directory to create")
+    convert.add_argument("--task", required=True, choices=("s2ef", "is2re"))
+    convert.add_argument("--records-per-shard", type=int, default=None,
+                         help="shard size (default: one data.lmdb for is2re, 10000 per shard for s2ef)")
+    convert.add_argument("--workers", type=int, default=1, help="parallel reader processes")
+    convert.add_argument("--title", help="dataset title for the metadata card")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    convert.set_defaults(func=_cmd_data_convert)
+
+    devset = commands.add_parser("devset", help="build the development datasets")
+    devset_commands = devset.add_subparsers(dest="devset_command", required=True, metavar="ACTION")
+    build = devset_commands.add_parser("build", help="regenerate the shipped S2EF and IS2RE devsets (ASE EMT)")
+    build.add_argument("--out", type=Path, default=Path("devsets"), help="output folder (default: devsets)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--overwrite", action="store_true")
+    build.set_defaults(func=_cmd_devset_build)
+
+    synthetic = devset_commands.add_parser("synthetic", help="write N random OC20-sized structures, fast")
+    synthetic.add_argument("destination", type=Path)
+    synthetic.add_argument("--num", type=int, default=10_000)
+    synthetic.add_argument("--task", default="s2ef", choices=("s2ef", "is2re"))
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--records-per-shard", type=int, default=5_000)
+    synthetic.add_argument("--overwrite", action="store_true")
+    synthetic.set_defaults(func=_cmd_devset_synthetic)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from matsciml.data.errors import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (DataError, FileExistsError, FileNotFoundError) as err:
+        print(f"matsciml: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("matsciml: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Everything about structures, nothing about learning: records, batches, formats, DataModules."""

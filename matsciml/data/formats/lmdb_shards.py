@@ -1,0 +1,68 @@
+"""The LMDB directory layout shared by OC20 and matsciml datasets.
+
+A dataset is either one LMDB file or a directory of them (``data.0000.lmdb``,
+``data.0001.lmdb``, ... for S2EF; ``data.lmdb`` for IS2RE). Each file is opened with
+``subdir=False`` and holds records under ASCII decimal keys counted from 0.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import lmdb
+
+from matsciml.data.errors import DataError
+
+LMDB_SUFFIX = ".lmdb"
+
+
+def shard_paths(path: str | Path) -> list[Path]:
+    """The LMDB files of a dataset, in shard order (numeric, not lexical).
+
+    Raises:
+        DataError: the path does not exist or holds no ``.lmdb`` file.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(path, "no such dataset file or directory")
+    files = [p for p in path.iterdir() if p.suffix == LMDB_SUFFIX and p.is_file()]
+    if not files:
+        raise DataError(path, "directory holds no .lmdb files")
+    return sorted(files, key=_shard_sort_key)
+
+
+def _shard_sort_key(path: Path) -> tuple:
+    # data.2.lmdb must come before data.10.lmdb
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name))
+
+
+def open_read(path: Path) -> lmdb.Environment:
+    """Open one shard read-only, safely shareable by DataLoader workers after they open it."""
+    try:
+        return lmdb.open(
+            str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
+            max_readers=512,
+        )
+    except lmdb.Error as err:
+        raise DataError(path, f"cannot open as LMDB ({err}); the file is corrupt or not an LMDB") from None
+
+
+def open_write(path: Path, map_size: int = 1 << 40) -> lmdb.Environment:
+    """Create one shard for writing. ``map_size`` is virtual: the file grows as needed."""
+    return lmdb.open(
+        str(path), subdir=False, map_size=map_size, meminit=False, lock=False,
+
+    )
+
+
+def record_key(index: int) -> bytes:
+    return str(index).encode("ascii")
+
+
+def numeric_keys(env: lmdb.Environment) -> list[int]:
+    """All decimal keys of a shard, sorted numerically (used when no length is recorded)."""
+    with env.begin() as txn:
+        return sorted(int(k) for k in txn.cursor().iternext(values=False) if k.isdigit())

@@ -1,0 +1,283 @@
+"""matsciml's own LMDB format: OC20's directory layout, safe versioned array encoding.
+
+Each record value is::
+
+    b"MSML" | uint16 version | uint32 header length | JSON header | array bytes
+
+where the header lists ``[name, dtype, shape]`` for each array and the bytes follow in
+that order, each padded to 8 bytes. Only plain numeric and boolean dtypes are accepted,
+so decoding never constructs an arbitrary object (unlike pickle).
+
+Each shard also holds two reserved keys:
+
+* ``metadata``: UTF-8 JSON, the dataset card (:mod:`matsciml.data.formats.card`) plus
+  this shard's index and record count;
+* ``natoms``: an encoded ``int32`` array of every record's atom count, so samplers can
+  balance batches without reading the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from matsciml.data import keys as K
+from matsciml.data.errors import DataError
+from matsciml.data.formats import lmdb_shards
+from matsciml.data.formats.card import DatasetStatistics
+from matsciml.data.records import Record
+
+MAGIC = b"MSML"
+CODEC_VERSION = 1
+SCHEMA_VERSION = 1
+FORMAT_NAME = "matsciml-lmdb"
+METADATA_KEY = b"metadata"
+NATOMS_KEY = b"natoms"
+_PREFIX = struct.Struct("<4sHI")
+_ALLOWED_KINDS = "biuf"  # bool, signed, unsigned, float: nothing that can hold an object
+
+
+def encode(arrays: dict[str, np.ndarray]) -> bytes:
+    """Encode named numeric arrays into one self-describing byte string."""
+    header, chunks, offset = [], [], 0
+    for name, array in arrays.items():
+        array = np.asarray(array)  # not ascontiguousarray: it turns 0-d arrays into 1-d
+        if array.dtype.kind not in _ALLOWED_KINDS:
+            raise TypeError(f"field {name!r} has dtype {array.dtype}, which the store cannot hold")
+        header.append([name, array.dtype.str, list(array.shape)])
+        data = array.tobytes(order="C")
+        chunks.append(data + b"\0" * (-len(data) % 8))
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(len(head) + _PREFIX.size) % 8)
+    return _PREFIX.pack(MAGIC, CODEC_VERSION, len(head)) + head + b"".join(chunks)
+
+
+def decode(value: bytes, source: str | os.PathLike = "<bytes>", index: int | str = "?") -> dict[str, np.ndarray]:
+    """Decode :func:`encode`'s output into writable arrays.
+
+    Raises:
+        DataError: the bytes are truncated, of another format or of a newer version.
+    """
+    if len(value) < _PREFIX.size:
+        raise DataError(source, f"value is {len(value)} bytes, too short for a matsciml record", index)
+    magic, version, head_len = _PREFIX.unpack_from(value)
+    if magic != MAGIC:
+        raise DataError(source, "value is not a matsciml record (bad magic bytes)", index)
+    if version > CODEC_VERSION:
+        raise DataError(
+            source, f"record encoded with codec version {version}; this matsciml reads <= {CODEC_VERSION}"
+            " (upgrade matsciml)", index,
+        )
+    buffer = bytearray(value)  # one copy, so the arrays are writable and outlive the transaction
+    try:
+        header = json.loads(bytes(buffer[_PREFIX.size : _PREFIX.size + head_len]))
+        offset = _PREFIX.size + head_len
+        out = {}
+        for name, dtype_str, shape in header:
+            dtype = np.dtype(dtype_str)
+            if dtype.kind not in _ALLOWED_KINDS:
+                raise ValueError(f"field {name!r} declares forbidden dtype {dtype_str!r}")
+            count = int(np.prod(shape, dtype=np.int64))
+            nbytes = count * dtype.itemsize
+            if offset + nbytes > len(buffer):
+                raise ValueError(f"field {name!r} runs past the end of the value (truncated record)")
+            out[name] = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
+            offset += nbytes + (-nbytes % 8)
+    except (ValueError, TypeError, json.JSONDecodeError) as err:
+        raise DataError(source, f"corrupt matsciml record: {err}", index) from None
+    return out
+
+
+def read_metadata(env, source: str | os.PathLike) -> dict | None:
+    """The shard's metadata card, or ``None`` when the shard is not in matsciml's format."""
+    with env.begin() as txn:
+        raw = txn.get(METADATA_KEY)
+    if raw is None or not raw.startswith(b"{"):
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise DataError(source, f"metadata record is not valid JSON: {err}", "metadata") from None
+    if meta.get("format") != FORMAT_NAME:
+        return None
+    if meta.get("schema_version", 0) > SCHEMA_VERSION:
+        raise DataError(source, f"dataset schema version {meta['schema_version']} is newer than this"
+                        f" matsciml reads ({SCHEMA_VERSION}); upgrade matsciml")
+    return meta
+
+
+def read_natoms(env, source: str | os.PathLike) -> np.ndarray | None:
+    with env.begin() as txn:
+        raw = txn.get(NATOMS_KEY)
+    return None if raw is None else decode(raw, source, NATOMS_KEY.decode())["natoms"]
+
+
+class DatasetWriter:
+    """Write records as a matsciml dataset, atomically.
+
+    Records go to a hidden temporary directory beside ``destination``; only a
+    successful :meth:`close` renames it into place, so an interrupted or failed write
+    never leaves a dataset (or half of one) at ``destination``.
+
+    Args:
+        destination: directory to create.
+        task: ``"s2ef"`` or ``"is2re"``; records are validated against it.
+        records_per_shard: start a new ``data.NNNN.lmdb`` after this many records;
+            ``None`` writes a single ``data.lmdb`` (the OC20 IS2RE layout).
+        source: free-text description of where the data came from.
+        command: the command line that created the dataset (defaults to ``sys.argv``).
+        title: a human-readable name for the dataset card.
+        overwrite: replace an existing dataset at ``destination``.
+
+    Example:
+        >>> with DatasetWriter("out/train", task="s2ef", records_per_shard=1000) as writer:
+        ...     for record in records:
+        ...         writer.add(record)
+    """
+
+    commit_every = 256
+
+    def __init__(
+        self,
+        destination: str | os.PathLike,
+        task: str,
+        records_per_shard: int | None = None,
+        source: str = "",
+        command: str | None = None,
+        title: str | None = None,
+        overwrite: bool = False,
+    ):
+        if task not in K.TASK_TARGETS:
+            raise ValueError(f"task must be one of {sorted(K.TASK_TARGETS)}, got {task!r}")
+        if records_per_shard is not None and records_per_shard < 1:
+            raise ValueError(f"records_per_shard must be a positive integer or None, got {records_per_shard}")
+        self.destination = Path(destination)
+        if self.destination.exists() and not overwrite:
+            raise FileExistsError(f"{self.destination} already exists; pass overwrite=True to replace it")
+        self.task = task
+        self.records_per_shard = records_per_shard
+        self.card = {
+            "title": title or self.destination.name,
+            "source": source,
+            "command": command if command is not None else " ".join(sys.argv),
+        }
+        self.overwrite = overwrite
+        self._tmp = self.destination.parent / f".{self.destination.name}.partial-{os.getpid()}"
+        self._stats = DatasetStatistics(task)
+        self._hash = hashlib.sha256()
+        self._shards: list[dict] = []  # per shard: path, count, natoms list
+        self._env = self._txn = None
+        self._closed = False
+
+    # -- context manager ----------------------------------------------------------------
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # -- writing ------------------------------------------------------------------------
+    def add(self, record: Record) -> None:
+        """Append one validated record (see :func:`matsciml.data.records.validate_record`)."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        shard = self._current_shard()
+        index = shard["count"]
+        stored = {name: record[name] for name in K.STORED if name in record}
+        value = encode(stored)
+        key = lmdb_shards.record_key(index)
+        self._txn.put(key, value)
+        self._hash.update(key)
+        self._hash.update(value)
+        self._stats.add(stored)
+        shard["count"] += 1
+        shard["natoms"].append(int(stored[K.NATOMS]))
+        if shard["count"] % self.commit_every == 0:
+            self._txn.commit()
+            self._txn = self._env.begin(write=True)
+
+    def _current_shard(self) -> dict:
+        full = self.records_per_shard is not None and self._shards and (
+            self._shards[-1]["count"] >= self.records_per_shard
+        )
+        if self._env is None or full:
+            self._finish_shard()
+            if not self._shards:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp.mkdir(parents=True)
+            name = "data.lmdb" if self.records_per_shard is None else f"data.{len(self._shards):04d}.lmdb"
+            self._shards.append({"name": name, "count": 0, "natoms": []})
+            self._env = lmdb_shards.open_write(self._tmp / name)
+            self._txn = self._env.begin(write=True)
+        return self._shards[-1]
+
+    def _finish_shard(self) -> None:
+        if self._env is not None:
+            shard = self._shards[-1]
+            self._txn.put(NATOMS_KEY, encode({"natoms": np.asarray(shard["natoms"], dtype=np.int32)}))
+            self._txn.commit()
+            self._env.sync(True)
+            self._env.close()
+            self._env = self._txn = None
+
+    def close(self) -> dict:
+        """Finish every shard, write the metadata cards, and move the dataset into place.
+
+        Returns:
+            The dataset card that was written.
+        """
+        if self._closed:
+            raise RuntimeError("writer is already closed")
+        if not self._shards:
+            self.abort()
+            raise DataError(self.destination, "no records were written; refusing to create an empty dataset")
+        self._finish_shard()
+        card = self.metadata()
+        for index, shard in enumerate(self._shards):
+            env = lmdb_shards.open_write(self._tmp / shard["name"])
+            with env.begin(write=True) as txn:
+                shard_card = dict(card, shard={"index": index, "name": shard["name"], "count": shard["count"]})
+                txn.put(METADATA_KEY, json.dumps(shard_card, indent=1).encode())
+            env.sync(True)
+            env.close()
+        if self.destination.exists() and self.overwrite:
+            shutil.rmtree(self.destination)
+        os.replace(self._tmp, self.destination)
+        self._closed = True
+        return card
+
+    def abort(self) -> None:
+        """Drop everything written so far; ``destination`` is left untouched."""
+        if self._env is not None:
+            self._txn.abort()
+            self._env.close()
+            self._env = self._txn = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._closed = True
+
+    def metadata(self) -> dict:
+        from matsciml import __version__
+
+        return {
+            "format": FORMAT_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "codec_version": CODEC_VERSION,
+            "task": self.task,
+            **self.card,
+            "matsciml_version": __version__,
+            "num_records": sum(s["count"] for s in self._shards),
+            "num_shards": len(self._shards),
+            "units": {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å^3"},
+            "content_hash": "sha256:" + self._hash.hexdigest(),
+            **self._stats.summary(),
+        }
