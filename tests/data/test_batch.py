@@ -1,0 +1,80 @@
+"""Collation is driven by the field declaration; the batch moves, pins and prints."""
+
+import numpy as np
+import pytest
+import torch
+from helpers.structures import slab_record
+
+from matsciml.data import keys as K
+from matsciml.data.batch import Batch, collate
+from matsciml.data.neighbors import RadiusGraph
+
+
+@pytest.fixture
+def records():
+    graph = RadiusGraph(cutoff=4.0)
+    return [graph(slab_record(seed)) for seed in range(3)]
+
+
+def test_atom_edge_and_structure_fields_are_combined_by_level(records):
+    batch = collate(records)
+    natoms = [int(r["natoms"]) for r in records]
+    assert batch.num_structures == 3 and batch.num_atoms == sum(natoms)
+    assert batch.positions.shape == (sum(natoms), 3) and batch.positions.dtype == torch.float32
+    assert batch.cell.shape == (3, 3, 3) and batch.energy.shape == (3,) and batch.pbc.dtype == torch.bool
+    assert torch.equal(batch.ptr, torch.tensor([0, natoms[0], natoms[0] + natoms[1], sum(natoms)]))
+    assert torch.equal(batch.structure_index, torch.repeat_interleave(torch.arange(3), torch.tensor(natoms)))
+    for b, record in enumerate(records):
+        atoms = slice(int(batch.ptr[b]), int(batch.ptr[b + 1]))
+        assert np.array_equal(batch.forces[atoms].numpy(), record["forces"])
+        assert float(batch.energy[b]) == pytest.approx(float(record["energy"]))
+
+
+def test_edge_index_is_offset_per_structure_and_edge_vectors_are_recoverable(records):
+    batch = collate(records)
+    assert batch.num_edges == sum(r["edge_index"].shape[1] for r in records)
+    j, i = batch.edge_index
+    # every edge stays inside its structure
+    assert torch.equal(batch.structure_index[i], batch.structure_index[j])
+    cell = batch.cell[batch.structure_index[i]]
+    vectors = batch.positions[j] - batch.positions[i] + torch.einsum("ek,ekl->el", batch.cell_shifts.float(), cell)
+    assert float(vectors.norm(dim=1).max()) <= 4.0 + 1e-5
+
+
+def test_absent_declared_fields_read_as_none_and_undeclared_names_fail(records):
+    batch = collate(records)
+    assert batch.stress is None and "stress" not in batch
+    with pytest.raises(AttributeError):
+        batch.not_a_field  # noqa: B018
+    with pytest.raises(KeyError, match="undeclared batch field"):
+        Batch(positions=torch.zeros(1, 3), distances=torch.zeros(1))
+
+
+def test_records_with_different_fields_are_refused(records):
+    del records[1]["forces"]
+    with pytest.raises(ValueError, match=r"disagree on field\(s\) \['forces'\]"):
+        collate(records)
+    with pytest.raises(ValueError, match="empty"):
+        collate([])
+
+
+def test_to_casts_only_floating_fields_and_pin_memory_keeps_values(records):
+    batch = collate(records)
+    double = batch.to("cpu", dtype=torch.float64)
+    assert double.positions.dtype == torch.float64 and double.edge_index.dtype == torch.int64
+    assert double.fixed.dtype == torch.bool
+    if torch.cuda.is_available():  # pinning needs an accelerator runtime
+        assert batch.pin_memory().positions.is_pinned()
+
+
+def test_repr_lists_every_field_with_shape_and_units(records):
+    text = repr(collate(records))
+    assert text.startswith("Batch(num_structures=3")
+    for name in ("positions", "forces", "edge_index", "cell_shifts", "energy", "ptr"):
+        assert name in text
+    assert "eV/Å" in text and "[3, 3, 3]" in text
+
+
+def test_every_declared_field_is_documented():
+    for field in K.FIELDS.values():
+        assert field.doc and getattr(Batch, field.name).__doc__.startswith(field.doc)
