@@ -7,6 +7,7 @@ A dataset is either one LMDB file or a directory of them (``data.0000.lmdb``,
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -48,6 +49,35 @@ def open_read(path: Path) -> lmdb.Environment:
         )
     except lmdb.Error as err:
         raise DataError(path, f"cannot open as LMDB ({err}); the file is corrupt or not an LMDB") from None
+
+
+# One read-only environment per shard file and process. py-lmdb refuses to open a file
+# twice in one process (two datasets over the same split would collide), and its record
+# of open files survives fork(), so a DataLoader worker cannot reopen a file its parent
+# had open until it closes the inherited copy.
+_readers: dict[tuple[int, int], tuple[int, lmdb.Environment]] = {}
+
+
+def reader(path: Path) -> lmdb.Environment:
+    """The process-wide read-only environment of one shard, opened on first use.
+
+    An environment inherited through ``fork`` is closed (in the child only) and reopened,
+    since LMDB environments must not be used across a fork.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        raise DataError(path, f"cannot read shard: {err.strerror}") from None
+    key = (stat.st_dev, stat.st_ino)
+    cached = _readers.get(key)
+    if cached is not None:
+        owner, env = cached
+        if owner == os.getpid():
+            return env
+        env.close()
+    env = open_read(path)
+    _readers[key] = (os.getpid(), env)
+    return env
 
 
 def open_write(path: Path, map_size: int = 1 << 40) -> lmdb.Environment:

@@ -1,0 +1,178 @@
+"""LightningDataModules for the S2EF and IS2RE tasks.
+
+``setup(stage)`` opens only the splits that stage needs; graphs (or point clouds) are
+built per record in the DataLoader workers, so ``num_workers`` parallelises the whole
+pipeline. ``from_devset()`` gives laptop-sized defaults over the shipped devsets.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from matsciml.data.batch import collate
+from matsciml.data.datasets import IS2REDataset, LMDBDataset, S2EFDataset, Transform
+from matsciml.data.devsets import devset_path
+from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
+from matsciml.data.pointcloud import DEFAULT_NUM_SPECIES, PointCloudCollate, PointCloudSample
+
+Representation = Literal["graph", "point_cloud"]
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+class AtomisticDataModule(pl.LightningDataModule):
+    """Shared logic of :class:`S2EFDataModule` and :class:`IS2REDataModule`.
+
+    Args:
+        train_path, val_path, test_path, predict_path: dataset file or directory per split.
+        batch_size: structures per batch.
+        num_workers: DataLoader worker processes (0 reads in the main process).
+        representation: ``"graph"`` (radius graph) or ``"point_cloud"`` (padded clouds).
+        cutoff: radius-graph cutoff in Å.
+        max_neighbors: neighbours kept per atom, nearest first.
+        num_subsurface: sub-surface atoms sampled into each point cloud.
+        num_species: one-hot width of point-cloud features (atomic numbers 1..num_species).
+        transforms: extra record transforms, applied before the graph is built.
+        shuffle: shuffle the training split each epoch.
+        seed: seed of the training shuffle and the point-cloud sampling.
+        pin_memory: pin batches for faster host-to-GPU copies (defaults to CUDA availability).
+    """
+
+    task: ClassVar[str]
+    dataset_class: ClassVar[type[LMDBDataset]]
+
+    def __init__(
+        self,
+        train_path: str | os.PathLike | None = None,
+        val_path: str | os.PathLike | None = None,
+        test_path: str | os.PathLike | None = None,
+        predict_path: str | os.PathLike | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        representation: Representation = "graph",
+        cutoff: float = DEFAULT_CUTOFF,
+        max_neighbors: int | None = DEFAULT_MAX_NEIGHBORS,
+        num_subsurface: int = 8,
+        num_species: int = DEFAULT_NUM_SPECIES,
+        transforms: list[Transform] | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if representation not in ("graph", "point_cloud"):
+            raise ValueError(f"representation must be 'graph' or 'point_cloud', got {representation!r}")
+        self.paths = {"train": train_path, "val": val_path, "test": test_path, "predict": predict_path}
+        if all(p is None for p in self.paths.values()):
+            raise ValueError("give at least one of train_path, val_path, test_path, predict_path"
+                             " (or use from_devset())")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.representation = representation
+        self.cutoff = cutoff
+        self.max_neighbors = max_neighbors
+        self.num_subsurface = num_subsurface
+        self.num_species = num_species
+        self.extra_transforms = list(transforms or [])
+        self.shuffle = shuffle
+        self.seed = seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.datasets: dict[str, LMDBDataset] = {}
+        self.save_hyperparameters(ignore=["transforms"])
+
+    @classmethod
+    def from_devset(cls, batch_size: int = 8, num_workers: int = 0, **kwargs) -> AtomisticDataModule:
+        """The shipped devset of this task (train/val/test; predict on test)."""
+        paths = {f"{split}_path": devset_path(cls.task, split) for split in ("train", "val", "test")}
+        paths["predict_path"] = paths["test_path"]
+        return cls(**{**paths, **kwargs}, batch_size=batch_size, num_workers=num_workers)
+
+    # -- datasets -----------------------------------------------------------------------
+    def record_transforms(self) -> list[Transform]:
+        if self.representation == "graph":
+            return [*self.extra_transforms, RadiusGraph(self.cutoff, self.max_neighbors)]
+        return [*self.extra_transforms, PointCloudSample(self.num_subsurface, self.seed)]
+
+    def collate_fn(self):
+        return collate if self.representation == "graph" else PointCloudCollate(self.num_species)
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = _STAGE_SPLITS.get(stage, tuple(self.paths)) if stage else tuple(self.paths)
+        for split in splits:
+            path = self.paths[split]
+            if path is None or split in self.datasets:
+                continue
+            self.datasets[split] = self.dataset_class(path, transforms=self.record_transforms())
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            if self.paths[split] is None:
+                raise ValueError(f"{type(self).__name__} has no {split}_path; set it to use the {split} split")
+            self.setup({"train": "fit", "val": "validate"}.get(split, split))
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+            num_workers=self.num_workers, collate_fn=self.collate_fn(), pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    # -- what the data knows (linked into models by the CLI) ---------------------------
+    def _card(self) -> dict | None:
+        for split in ("train", "val", "test", "predict"):
+            if self.paths[split] is not None:
+                self.setup({"train": "fit", "val": "validate"}.get(split, split))
+                return self.datasets[split].metadata
+        return None
+
+    @property
+    def species(self) -> list[int] | None:
+        """Atomic numbers present in the first available split, from its metadata card."""
+        card = self._card()
+        return None if card is None else sorted(int(z) for z in card["elements"])
+
+    @property
+    def target_statistics(self) -> dict | None:
+        """Mean/std/min/max of the targets in the first available split (eV, eV/Å)."""
+        card = self._card()
+        return None if card is None else card["statistics"]
+
+    def natoms(self, split: str = "train") -> np.ndarray | None:
+        """Atom counts of a split, from its metadata (for balanced batching)."""
+        self.setup({"train": "fit", "val": "validate"}.get(split, split))
+        return self.datasets[split].natoms()
+
+
+class S2EFDataModule(AtomisticDataModule):
+    """Structure to energy and forces (OC20 S2EF): records carry ``energy`` and ``forces``."""
+
+    task = "s2ef"
+    dataset_class = S2EFDataset
+
+
+class IS2REDataModule(AtomisticDataModule):
+    """Initial structure to relaxed energy (OC20 IS2RE): records carry ``relaxed_energy``."""
+
+    task = "is2re"
+    dataset_class = IS2REDataset
+

@@ -1,0 +1,67 @@
+"""DataModules follow the Lightning contract and work from the shipped devsets."""
+
+import pytest
+import torch
+
+from matsciml.data import IS2REDataModule, S2EFDataModule
+from matsciml.data.batch import Batch
+
+
+def test_setup_builds_only_the_splits_a_stage_needs(s2ef_path):
+    dm = S2EFDataModule(train_path=s2ef_path, val_path=s2ef_path, test_path=s2ef_path, batch_size=4)
+    dm.setup("test")
+    assert set(dm.datasets) == {"test"}
+    dm.setup("fit")
+    assert set(dm.datasets) == {"test", "train", "val"}
+
+
+def test_train_loader_yields_graph_batches_shuffled_by_seed(s2ef_path):
+    def order(seed):
+        dm = S2EFDataModule(train_path=s2ef_path, batch_size=4, seed=seed)
+        dm.setup("fit")
+        return [int(s) for batch in dm.train_dataloader() for s in batch.sid]
+
+    assert order(0) == order(0) and sorted(order(0)) == list(range(12))
+    assert order(0) != order(1)
+    dm = S2EFDataModule(train_path=s2ef_path, batch_size=4, cutoff=5.0, max_neighbors=12)
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, Batch) and batch.num_structures == 4
+    assert batch.edge_index is not None and batch.forces.shape == (batch.num_atoms, 3)
+    assert int(torch.bincount(batch.edge_index[1]).max()) <= 12
+
+
+def test_point_cloud_representation(is2re_path):
+    dm = IS2REDataModule(train_path=is2re_path, batch_size=3, representation="point_cloud", num_subsurface=2)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.edge_index is None and batch.point_mask.shape == (3, 7)
+    assert batch.relaxed_energy.shape == (3,)
+
+
+def test_missing_split_and_bad_arguments_are_clear(s2ef_path):
+    dm = S2EFDataModule(train_path=s2ef_path)
+    with pytest.raises(ValueError, match="has no val_path"):
+        dm.val_dataloader()
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        S2EFDataModule(train_path=s2ef_path, batch_size=0)
+    with pytest.raises(ValueError, match="representation must be"):
+        S2EFDataModule(train_path=s2ef_path, representation="voxels")
+    with pytest.raises(ValueError, match="give at least one of"):
+        S2EFDataModule()
+
+
+def test_what_the_data_knows(s2ef_path):
+    dm = S2EFDataModule(train_path=s2ef_path)
+    assert dm.species == [8, 29, 47, 78, 79]
+    assert dm.target_statistics["energy"]["count"] == 12
+    assert dm.natoms().tolist() == [13] * 12
+
+
+@pytest.mark.parametrize("module", [S2EFDataModule, IS2REDataModule])
+def test_from_devset_gives_batches_for_every_split(module):
+    dm = module.from_devset()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.num_structures == 8 and batch.num_edges > 0
+    assert next(iter(dm.val_dataloader())).num_structures == 8
+    dm.setup("test")
+    assert next(iter(dm.test_dataloader())).num_structures >= 1

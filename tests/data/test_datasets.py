@@ -1,0 +1,164 @@
+"""Datasets over sharded LMDBs: order, laziness across forks, and one clear error per bad input."""
+
+import os
+import pickle
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from helpers.structures import slab_record, write_dataset
+
+from matsciml.data.datasets import IS2REDataset, LMDBDataset, S2EFDataset
+from matsciml.data.errors import DataError
+from matsciml.data.formats import lmdb_shards, store
+from matsciml.data.neighbors import RadiusGraph
+
+
+def test_records_come_back_in_shard_then_key_order(s2ef_path):
+    dataset = S2EFDataset(s2ef_path)
+    assert len(dataset) == 12 and [s.length for s in dataset.shards] == [5, 5, 2]
+    for index in range(12):
+        expected = slab_record(index, metal=("Cu", "Pt", "Ag", "Au")[index % 4])
+        got = dataset[index]
+        assert int(got["sid"]) == index
+        assert np.array_equal(got["positions"], expected["positions"])
+        assert np.array_equal(got["forces"], expected["forces"])
+    assert np.array_equal(dataset.natoms(), np.full(12, 13))
+    assert dataset.metadata["num_records"] == 12 and dataset.metadata["task"] == "s2ef"
+
+
+def test_shards_sort_numerically_not_lexically(tmp_path):
+    root = write_dataset(tmp_path / "ds", 11, records_per_shard=1)
+    names = [p.name for p in lmdb_shards.shard_paths(root)]
+    assert names[:3] == ["data.0000.lmdb", "data.0001.lmdb", "data.0002.lmdb"]
+    for p in root.iterdir():  # rename to unpadded numbers: data.10 must still come last
+        p.rename(root / p.name.replace(".00", ".").replace(".0", ".") if p.name != "data.0000.lmdb" else p)
+    dataset = LMDBDataset(root)
+    assert [int(dataset[i]["sid"]) for i in range(11)] == list(range(11))
+
+
+def test_dataset_pickles_and_reopens_after_fork_even_when_the_parent_has_read(s2ef_path):
+    dataset = S2EFDataset(s2ef_path, transforms=[RadiusGraph()])
+    dataset[0]  # opens an environment in this process
+    clone = pickle.loads(pickle.dumps(dataset))  # a second dataset over the same files
+    assert np.array_equal(clone[7]["edge_index"], dataset[7]["edge_index"])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=list)
+    sids = [int(r["sid"]) for batch in loader for r in batch]
+    assert sids == list(range(12))
+
+
+def test_task_targets_are_required(is2re_path):
+    assert len(IS2REDataset(is2re_path)) == 6
+    with pytest.raises(DataError, match=r"data.lmdb, record 0: missing required field\(s\) \['energy', 'forces'\]"):
+        S2EFDataset(is2re_path)[0]
+
+
+# --- bad input: each gives one DataError naming the file and record -----------------------
+def _write_raw(path, values: dict[bytes, bytes], card: dict | None = None):
+    env = lmdb_shards.open_write(path)
+    with env.begin(write=True) as txn:
+        for key, value in values.items():
+            txn.put(key, value)
+    env.close()
+    return path
+
+
+def _store_with(tmp_path, **overrides):
+    record = slab_record(0)
+    path = write_dataset(tmp_path / "ok", 1)
+    record.update(overrides)
+    env = lmdb.open(str(path / "data.lmdb"), subdir=False, lock=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"0", store.encode({k: np.asarray(v) for k, v in record.items() if v is not None}))
+    env.close()
+    return path / "data.lmdb"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"positions": np.full((13, 3), np.nan)}, "positions holds NaN or inf"),
+        ({"positions": np.zeros((13, 2))}, r"positions must have shape \(num_atoms, 3\)"),
+        ({"positions": np.zeros((0, 3)), "atomic_numbers": np.zeros(0)}, "structure has zero atoms"),
+        ({"forces": np.zeros((12, 3))}, r"forces must have shape \(num_atoms, 3\), got \(12, 3\)"),
+        ({"energy": np.float32(np.inf)}, "energy holds NaN or inf"),
+        ({"atomic_numbers": np.full(13, 200)}, "atomic numbers must lie in 1..118"),
+    ],
+)
+def test_bad_records_raise_one_clear_error(tmp_path, overrides, message):
+    path = _store_with(tmp_path, **overrides)
+    with pytest.raises(DataError, match=rf"data.lmdb, record 0: {message}"):
+        S2EFDataset(path)[0]
+
+
+def test_missing_required_key(tmp_path):
+    path = _store_with(tmp_path, forces=None)
+    record = slab_record(0)
+    del record["forces"]
+    env = lmdb.open(str(path), subdir=False, lock=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"0", store.encode(record))
+    env.close()
+    with pytest.raises(DataError, match=r"record 0: missing required field\(s\) \['forces'\]"):
+        S2EFDataset(path)[0]
+
+
+def test_no_neighbour_inside_cutoff_names_the_record(s2ef_path):
+    dataset = S2EFDataset(s2ef_path, transforms=[RadiusGraph(cutoff=0.5)])
+    with pytest.raises(DataError, match=r"data.0001.lmdb, record 2: no atom pair lies within the 0.5 Å cutoff"):
+        dataset[7]
+
+
+def test_truncated_lmdb_is_reported_not_crashed(tmp_path):
+    path = write_dataset(tmp_path / "ds", 6) / "data.lmdb"
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.truncate(size // 2)
+    with pytest.raises(DataError, match=r"data.lmdb: (LMDB file is truncated|cannot open as LMDB)"):
+        LMDBDataset(path)
+
+
+def test_garbage_file_is_not_an_lmdb(tmp_path):
+    path = tmp_path / "data.lmdb"
+    path.write_bytes(os.urandom(20000))
+    with pytest.raises(DataError, match=r"data.lmdb: cannot open as LMDB"):
+        LMDBDataset(path)
+
+
+def test_corrupt_record_value(tmp_path):
+    path = _store_with(tmp_path)
+    env = lmdb.open(str(path), subdir=False, lock=False)
+    with env.begin(write=True) as txn:
+        value = txn.get(b"0")
+        txn.put(b"0", value[: len(value) // 2])
+    env.close()
+    with pytest.raises(DataError, match=r"data.lmdb, record 0: corrupt matsciml record: .*truncated"):
+        LMDBDataset(path)[0]
+
+
+def test_empty_dataset_and_missing_paths(tmp_path):
+    empty = _write_raw(tmp_path / "empty.lmdb", {})
+    with pytest.raises(DataError, match=r"empty.lmdb: dataset holds no records"):
+        LMDBDataset(empty)
+    with pytest.raises(DataError, match="no such dataset file or directory"):
+        LMDBDataset(tmp_path / "nowhere")
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(DataError, match="directory holds no .lmdb files"):
+        LMDBDataset(tmp_path / "emptydir")
+
+
+def test_writer_refuses_to_create_an_empty_dataset_and_leaves_nothing(tmp_path):
+    with pytest.raises(DataError, match="no records were written"):
+        with store.DatasetWriter(tmp_path / "out", task="s2ef"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_failure_leaves_no_dataset(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.DatasetWriter(tmp_path / "out", task="s2ef", records_per_shard=2) as writer:
+            for i in range(5):
+                writer.add(slab_record(i))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
