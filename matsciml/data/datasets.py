@@ -16,7 +16,7 @@ import torch.utils.data
 
 from matsciml.data.errors import DataError
 from matsciml.data.formats import lmdb_shards, oc20, store
-from matsciml.data.records import Record, validate_record
+from matsciml.data.records import Record, check_stored_record, validate_record
 from matsciml.data.transforms import Compose
 
 Transform = Callable[[Record], Record]
@@ -108,6 +108,8 @@ class LMDBDataset(torch.utils.data.Dataset):
     def read(self, index: int) -> Record:
         """The validated record ``index``, before transforms."""
         shard, key = self.locate(index)
+        if shard.card is not None:  # validated in full when written
+            return check_stored_record(shard.read(key), shard.path, key, self.task)
         return validate_record(shard.read(key), shard.path, key, task=self.task)
 
     def __getitem__(self, index: int) -> Record:

@@ -25,6 +25,7 @@ def radius_graph(
     pbc: np.ndarray,
     cutoff: float = DEFAULT_CUTOFF,
     max_neighbors: int | None = DEFAULT_MAX_NEIGHBORS,
+    calculator: vesin.NeighborList | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """All neighbour pairs within ``cutoff``, in both directions, with periodic images.
 
@@ -39,6 +40,7 @@ def radius_graph(
         pbc: periodicity along each lattice vector.
         cutoff: interaction radius in Å.
         max_neighbors: keep at most this many neighbours per centre (``None``: all).
+        calculator: a reusable ``vesin.NeighborList`` with this cutoff and ``full_list=True``.
 
     Returns:
         ``edge_index`` (row 0 neighbour ``j``, row 1 centre ``i``) and integer
@@ -57,19 +59,40 @@ def radius_graph(
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
     if not pbc.any():
         cell = np.zeros((3, 3))  # vesin ignores the box then; a stale cell must not matter
-    # One thread: graphs are built per structure inside DataLoader workers, which already
-    # run in parallel; vesin's default (all cores) would oversubscribe them.
-    calculator = vesin.NeighborList(cutoff=cutoff, full_list=True, n_threads=1)
+    calculator = calculator or _calculator(cutoff)
     i, j, shifts, distances = calculator.compute(positions, cell, pbc, quantities="ijSd", copy=True)
     i, j, shifts = i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64)
-    rank = np.rint(distances / _TIE_TOLERANCE).astype(np.int64)
-    order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, rank, i))
+    order = _neighbour_order(i, j, shifts, distances, len(positions))
     i, j, shifts = i[order], j[order], shifts[order]
     if max_neighbors is not None and len(i):
-        starts = np.searchsorted(i, i, side="left")  # i is sorted: first edge of each centre
-        keep = np.arange(len(i)) - starts < max_neighbors
-        i, j, shifts = i[keep], j[keep], shifts[keep]
+        counts = np.bincount(i, minlength=len(positions))
+        if counts.max() > max_neighbors:
+            # i is sorted: an edge's rank among its centre's edges is its offset from the first
+            first = np.repeat(np.cumsum(counts) - counts, counts)
+            keep = np.arange(len(i)) - first < max_neighbors
+            i, j, shifts = i[keep], j[keep], shifts[keep]
     return np.stack([j, i]), shifts
+
+
+def _calculator(cutoff: float) -> vesin.NeighborList:
+    # One thread: graphs are built per structure inside DataLoader workers, which already
+    # run in parallel; vesin's default (all cores) would oversubscribe them.
+    return vesin.NeighborList(cutoff=cutoff, full_list=True, n_threads=1)
+
+
+def _neighbour_order(i: np.ndarray, j: np.ndarray, shifts: np.ndarray, distances: np.ndarray,
+                     num_atoms: int) -> np.ndarray:
+    """Order pairs by centre, distance (to ``_TIE_TOLERANCE``), neighbour index, shift."""
+    rank = np.rint(distances / _TIE_TOLERANCE).astype(np.int64)
+    span = int(np.abs(shifts).max(initial=0)) * 2 + 1
+    shift_code = ((shifts[:, 0] + span // 2) * span + shifts[:, 1] + span // 2) * span + shifts[:, 2] + span // 2
+    ranks = int(rank.max(initial=0)) + 1
+    # One int64 key sorts several times faster than a multi-key lexsort; fall back when
+    # the packed key could overflow (only for very large structures or cells).
+    if float(num_atoms) * ranks * num_atoms * span**3 < 2**62:
+        key = ((i * ranks + rank) * num_atoms + j) * span**3 + shift_code
+        return np.argsort(key, kind="stable")
+    return np.lexsort((shift_code, j, rank, i))
 
 
 class RadiusGraph:
@@ -93,10 +116,17 @@ class RadiusGraph:
         self.cutoff = cutoff
         self.max_neighbors = max_neighbors
         self.allow_isolated = allow_isolated
+        self._calculator = None  # built lazily: vesin objects do not pickle to workers
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_calculator": None}
 
     def __call__(self, record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._calculator is None:
+            self._calculator = _calculator(self.cutoff)
         edge_index, shifts = radius_graph(
-            record["positions"], record["cell"], record["pbc"], self.cutoff, self.max_neighbors
+            record["positions"], record["cell"], record["pbc"], self.cutoff, self.max_neighbors,
+            self._calculator,
         )
         if edge_index.shape[1] == 0 and not self.allow_isolated:
             raise ValueError(

@@ -2,6 +2,8 @@
 
 Every reader passes its records through :func:`validate_record`, so a bad structure is
 reported once, with its file and record number, before it reaches numpy or a model.
+Records of matsciml's own format were normalised when written and only need
+:func:`check_stored_record`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def validate_record(
     """Return ``record`` with declared dtypes and shapes, or raise :class:`DataError`.
 
     Unknown keys are dropped. ``natoms`` is filled in when missing, ``tags`` default to 0
-    and ``fixed`` to False, and ``pbc`` defaults to all-periodic.
+    and ``fixed`` to False, ``pbc`` to all-periodic and ``cell`` to zeros.
 
     Args:
         record: field name -> array-like.
@@ -34,74 +36,107 @@ def validate_record(
         index: record key or number in that file (for error messages).
         task: ``"s2ef"`` or ``"is2re"`` to also require that task's targets.
     """
-
-    def fail(message: str) -> DataError:
-        return DataError(source, message, index)
-
-    required = K.REQUIRED[:-1] + tuple(K.TASK_TARGETS.get(task, ())) if task else K.REQUIRED[:-1]
-    if task is not None and task not in K.TASK_TARGETS:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(K.TASK_TARGETS)}")
-    missing = [name for name in required if record.get(name) is None]
-    if missing:
-        raise fail(f"missing required field(s) {missing}; present: {sorted(record)}")
-
+    _require(record, source, index, task)
     out: Record = {}
     for name, value in record.items():
         field = K.FIELDS.get(name)
         if field is None or field.level not in ("atom", "structure") or value is None:
             continue
-        try:
-            array = np.asarray(value)
-            if field.dtype is np.bool_:
-                array = array.astype(np.bool_)
-            elif np.issubdtype(field.dtype, np.integer):
-                if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-                    raise fail(f"{name} holds NaN or inf where integers are expected")
-                array = np.rint(array).astype(field.dtype) if array.dtype.kind == "f" else array.astype(
-                    field.dtype
-                )
-            else:
-                array = array.astype(field.dtype, copy=False)
-        except (TypeError, ValueError) as err:
-            if isinstance(err, DataError):
-                raise
-            raise fail(f"{name} cannot be read as {np.dtype(field.dtype).name}: {err}") from None
-        out[name] = array
+        out[name] = _cast(name, value, field, source, index)
 
     positions = out[K.POSITIONS]
     if positions.ndim != 2 or positions.shape[1] != 3:
-        raise fail(f"positions must have shape (num_atoms, 3), got {positions.shape}")
+        raise DataError(source, f"positions must have shape (num_atoms, 3), got {positions.shape}", index)
     natoms = positions.shape[0]
-    if natoms == 0:
-        raise fail("structure has zero atoms")
+    if K.NATOMS in out and out[K.NATOMS].size == 1 and int(out[K.NATOMS].reshape(-1)[0]) != natoms:
+        raise DataError(source, f"natoms is {int(out[K.NATOMS].reshape(-1)[0])} but positions hold {natoms}"
+                        " atoms", index)
+    out[K.NATOMS] = np.asarray(natoms, dtype=np.int64)
     out.setdefault(K.PBC, np.ones(3, dtype=np.bool_))
     out.setdefault(K.CELL, np.zeros((3, 3), dtype=np.float32))
     out.setdefault(K.TAGS, np.zeros(natoms, dtype=np.int64))
     out.setdefault(K.FIXED, np.zeros(natoms, dtype=np.bool_))
-    if K.NATOMS in out and int(out[K.NATOMS].reshape(-1)[0]) != natoms:
-        raise fail(f"natoms is {int(out[K.NATOMS].reshape(-1)[0])} but positions hold {natoms} atoms")
-    out[K.NATOMS] = np.asarray(natoms, dtype=np.int64)
+    for name, array in out.items():
+        expected = _expected_shape(name, natoms)
+        if array.shape != expected and array.size == int(np.prod(expected)) and natoms > 0:
+            out[name] = array.reshape(expected)  # e.g. OC20's cell (1, 3, 3) or y as (1,)
+    return _check(out, source, index)
 
-    for name, array in list(out.items()):
-        expected = tuple(natoms if s == "N" else s for s in K.FIELDS[name].shape)
+
+def check_stored_record(record: Record, source: str | PathLike, index: int | str, task: str | None) -> Record:
+    """Check a record of matsciml's own format without converting it.
+
+    :class:`~matsciml.data.formats.store.DatasetWriter` normalised it when writing; this
+    makes sure it suits ``task`` and was not damaged since.
+    """
+    _require(record, source, index, task)
+    return _check(record, source, index)
+
+
+def _require(record: Mapping[str, object], source, index, task: str | None) -> None:
+    if task is not None and task not in K.TASK_TARGETS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(K.TASK_TARGETS)}")
+    required = (K.POSITIONS, K.ATOMIC_NUMBERS, *K.TASK_TARGETS.get(task, ()))
+    missing = [name for name in required if record.get(name) is None]
+    if missing:
+        raise DataError(source, f"missing required field(s) {missing}; present: {sorted(record)}", index)
+
+
+def _cast(name: str, value: object, field: K.Field, source, index) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"values of kind {array.dtype} are not numbers")
+        if np.issubdtype(field.dtype, np.integer) and array.dtype.kind == "f":
+            if not np.all(np.isfinite(array)):
+                raise DataError(source, f"{name} holds NaN or inf where integers are expected", index)
+            return np.rint(array).astype(field.dtype)  # OC20 stores atomic numbers as floats
+        return array.astype(field.dtype, copy=False)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(source, f"{name} cannot be read as {np.dtype(field.dtype).name}: {err}", index) from None
+
+
+def _expected_shape(name: str, natoms: int) -> tuple[int, ...]:
+    return tuple(natoms if s == "N" else s for s in K.FIELDS[name].shape)
+
+
+def _check(record: Record, source, index) -> Record:
+    natoms = record[K.POSITIONS].shape[0] if record[K.POSITIONS].ndim == 2 else -1
+    if natoms == 0:
+        raise DataError(source, "structure has zero atoms", index)
+    for name, array in record.items():
+        expected = _expected_shape(name, natoms)
         if array.shape != expected:
-            if array.size == int(np.prod(expected)) and array.ndim != len(expected):
-                out[name] = array = array.reshape(expected)  # e.g. OC20 cell (1, 3, 3), y as (1,)
-            else:
-                raise fail(f"{name} must have shape {_shape_text(name)}, got {array.shape}")
-        if K.FIELDS[name].is_float and not np.all(np.isfinite(array)):
-            raise fail(f"{name} holds NaN or inf")
-
-    numbers = out[K.ATOMIC_NUMBERS]
+            raise DataError(source, f"{name} must have shape {_shape_text(name)}, got {array.shape}", index)
+        if K.FIELDS[name].is_float and not np.isfinite(array).all():
+            raise DataError(source, f"{name} holds NaN or inf", index)
+    numbers = record[K.ATOMIC_NUMBERS]
     if numbers.min() < 1 or numbers.max() > 118:
-        raise fail(f"atomic numbers must lie in 1..118, got {numbers.min()}..{numbers.max()}")
-    pbc = out[K.PBC]
-    if pbc.any() and abs(np.linalg.det(out[K.CELL].astype(np.float64)[pbc][:, pbc] @
-                                       out[K.CELL].astype(np.float64)[pbc][:, pbc].T)) < 1e-12:
-        raise fail("cell is degenerate along a periodic direction")
-    return out
+        raise DataError(source, f"atomic numbers must lie in 1..118, got {numbers.min()}..{numbers.max()}", index)
+    if _periodic_span(record[K.CELL], record[K.PBC]) < 1e-6:
+        raise DataError(source, "cell is degenerate along a periodic direction", index)
+    return record
+
+
+def _periodic_span(cell: np.ndarray, pbc: np.ndarray) -> float:
+    """Length, area or volume spanned by the periodic lattice vectors (1.0 if none).
+
+    Plain Python on a 3x3 list: numpy's det or SVD would cost more than the rest of the check.
+    """
+    rows = [row for row, periodic in zip(cell.tolist(), pbc.tolist(), strict=True) if periodic]
+    if not rows:
+        return 1.0
+    if len(rows) == 1:
+        return sum(x * x for x in rows[0]) ** 0.5
+    (a1, a2, a3), (b1, b2, b3) = rows[0], rows[1]
+    cross = (a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1)
+    if len(rows) == 2:
+        return sum(x * x for x in cross) ** 0.5
+    return abs(sum(x * y for x, y in zip(cross, rows[2], strict=True)))
 
 
 def _shape_text(name: str) -> str:
-    shape = K.FIELDS[name].shape
-    return "(" + ", ".join("num_atoms" if s == "N" else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+    shape = ["num_atoms" if s == "N" else str(s) for s in K.FIELDS[name].shape]
+    return "(" + ", ".join(shape) + ("," if len(shape) == 1 else "") + ")"

@@ -162,3 +162,22 @@ def test_writer_failure_leaves_no_dataset(tmp_path):
                 writer.add(slab_record(i))
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_validates_every_record_and_names_its_source(tmp_path):
+    record = slab_record(0)
+    record["positions"] = record["positions"].copy()
+    record["positions"][3, 1] = np.nan
+    with pytest.raises(DataError, match=r"input.xyz, record 7: positions holds NaN or inf"):
+        with store.DatasetWriter(tmp_path / "out", task="s2ef") as writer:
+            writer.add(slab_record(1))
+            writer.add(record, source="input.xyz", index=7)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_degenerate_periodic_cell_is_refused(tmp_path):
+    record = slab_record(0)
+    record["cell"] = record["cell"].copy()
+    record["cell"][2] = record["cell"][0]
+    with pytest.raises(DataError, match="cell is degenerate along a periodic direction"):
+        store.DatasetWriter(tmp_path / "out", task="s2ef").add(record)

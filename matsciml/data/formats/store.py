@@ -32,7 +32,7 @@ from matsciml.data import keys as K
 from matsciml.data.errors import DataError
 from matsciml.data.formats import lmdb_shards
 from matsciml.data.formats.card import DatasetStatistics
-from matsciml.data.records import Record
+from matsciml.data.records import Record, validate_record
 
 MAGIC = b"MSML"
 CODEC_VERSION = 1
@@ -187,10 +187,19 @@ class DatasetWriter:
             self.abort()
 
     # -- writing ------------------------------------------------------------------------
-    def add(self, record: Record) -> None:
-        """Append one validated record (see :func:`matsciml.data.records.validate_record`)."""
+    def add(self, record: Record, source: str | os.PathLike = "<input>", index: int | str = "?") -> None:
+        """Validate and append one record.
+
+        Readers trust what this wrote, so every record is checked here, once
+        (:func:`~matsciml.data.records.validate_record`).
+
+        Args:
+            record: field name -> array.
+            source, index: where the record came from, for error messages.
+        """
         if self._closed:
             raise RuntimeError("writer is closed")
+        record = validate_record(record, source, index, task=self.task)
         shard = self._current_shard()
         index = shard["count"]
         stored = {name: record[name] for name in K.STORED if name in record}
