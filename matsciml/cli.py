@@ -12,6 +12,20 @@ import sys
 from pathlib import Path
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _dataset_path(args: argparse.Namespace) -> Path:
     if args.devset:
         from matsciml.data.devsets import devset_path
@@ -88,11 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_dataset_argument(check)
     check.add_argument("--task", choices=("s2ef", "is2re"), help="require this task's targets")
-    check.add_argument("--batch-size", type=int, default=8)
+    check.add_argument("--batch-size", type=_positive, default=8)
     check.add_argument("--cutoff", type=float, default=6.0, help="radius graph cutoff in Å")
-    check.add_argument("--max-neighbors", type=int, default=50)
-    check.add_argument("--num-workers", type=int, default=0)
-    check.add_argument("--limit", type=int, help="stop after this many structures")
+    check.add_argument("--max-neighbors", type=_positive, default=50)
+    check.add_argument("--num-workers", type=_count, default=0)
+    check.add_argument("--limit", type=_positive, help="stop after this many structures")
     check.set_defaults(func=_cmd_data_check)
 
     convert = data_commands.add_parser(
@@ -101,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("sources", nargs="+", type=Path, help="input files or folders")
     convert.add_argument("destination", type=Path, help="dataset directory to create")
     convert.add_argument("--task", required=True, choices=("s2ef", "is2re"))
-    convert.add_argument("--records-per-shard", type=int, default=None,
-                         help="shard size (default: one data.lmdb for is2re, 10000 per shard for s2ef)")
-    convert.add_argument("--workers", type=int, default=1, help="parallel reader processes")
+    convert.add_argument("--records-per-shard", type=_count, default=None,
+                         help="shard size; 0 writes one data.lmdb (default: 10000 for s2ef, one file for is2re)")
+    convert.add_argument("--workers", type=_count, default=1, help="parallel reader processes")
     convert.add_argument("--title", help="dataset title for the metadata card")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     convert.set_defaults(func=_cmd_data_convert)
@@ -118,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     synthetic = devset_commands.add_parser("synthetic", help="write N random OC20-sized structures, fast")
     synthetic.add_argument("destination", type=Path)
-    synthetic.add_argument("--num", type=int, default=10_000)
+    synthetic.add_argument("--num", type=_positive, default=10_000)
     synthetic.add_argument("--task", default="s2ef", choices=("s2ef", "is2re"))
     synthetic.add_argument("--seed", type=int, default=0)
-    synthetic.add_argument("--records-per-shard", type=int, default=5_000)
+    synthetic.add_argument("--records-per-shard", type=_positive, default=5_000)
     synthetic.add_argument("--overwrite", action="store_true")
     synthetic.set_defaults(func=_cmd_devset_synthetic)
     return parser
@@ -133,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, FileExistsError, FileNotFoundError) as err:
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"matsciml: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
