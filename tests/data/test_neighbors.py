@@ -76,9 +76,10 @@ def test_max_neighbors_keeps_the_nearest_deterministically():
         mask_cap = capped_index[1] == centre
         assert mask_cap.sum() == min(10, mask_all.sum())
 
-        def dist(index, shifts, mask):
+        def dist(index, shifts, mask, centre=centre):
             j = index[0][mask]
-            return np.linalg.norm(atoms.positions[j] - atoms.positions[centre] + shifts[mask] @ atoms.cell.array, axis=1)
+            vectors = atoms.positions[j] - atoms.positions[centre] + shifts[mask] @ atoms.cell.array
+            return np.linalg.norm(vectors, axis=1)
 
         kept = dist(capped_index, capped_shifts, mask_cap)
         everything = np.sort(dist(all_index, all_shifts, mask_all))

@@ -46,7 +46,7 @@ _ALLOWED_KINDS = "biuf"  # bool, signed, unsigned, float: nothing that can hold 
 
 def encode(arrays: dict[str, np.ndarray]) -> bytes:
     """Encode named numeric arrays into one self-describing byte string."""
-    header, chunks, offset = [], [], 0
+    header, chunks = [], []
     for name, array in arrays.items():
         array = np.asarray(array)  # not ascontiguousarray: it turns 0-d arrays into 1-d
         if array.dtype.kind not in _ALLOWED_KINDS:
