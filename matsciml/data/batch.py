@@ -92,8 +92,8 @@ class Batch:
         for name, value in self._data.items():
             field = K.FIELDS[name]
             dtype = str(value.dtype).removeprefix("torch.")
-            units = f" {field.units}" if field.units else ""
-            lines.append(f"  {name:<18} {dtype:<8} {list(value.shape)!s:<16}{units:<8} {field.doc}")
+            units = field.units
+            lines.append(f"  {name:<18} {dtype:<8} {list(value.shape)!s:<14}{units}".rstrip())
         return "\n".join(lines)
 
 

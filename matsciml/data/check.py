@@ -52,7 +52,7 @@ def check_dataset(
             totals["edges"] += batch.num_edges
             progress.advance(bar, batch.num_structures)
     totals["seconds"] = time.perf_counter() - start
-    console.print("first batch:", first)
+    console.print(f"first batch: {first!r}", soft_wrap=True, markup=False, highlight=False)
     rate = totals["structures"] / max(totals["seconds"], 1e-9)
     console.print(
         f"[green]checked[/green] {totals['structures']:,} structures, {totals['atoms']:,} atoms, "
