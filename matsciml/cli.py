@@ -64,7 +64,7 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
 def _cmd_devset_build(args: argparse.Namespace) -> None:
     from matsciml.data.devset_builder import build_devsets
 
-    build_devsets(args.out, seed=args.seed, overwrite=args.overwrite)
+    build_devsets(args.out, seed=args.seed, overwrite=args.overwrite, workers=args.workers)
 
 
 def _cmd_devset_synthetic(args: argparse.Namespace) -> None:
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = devset_commands.add_parser("build", help="regenerate the shipped S2EF and IS2RE devsets (ASE EMT)")
     build.add_argument("--out", type=Path, default=Path("devsets"), help="output folder (default: devsets)")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--workers", type=_positive, help="parallel EMT processes (default: one per core, up to 4)")
     build.add_argument("--overwrite", action="store_true")
     build.set_defaults(func=_cmd_devset_build)
 
