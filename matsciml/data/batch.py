@@ -82,6 +82,14 @@ class Batch:
         """Called by ``DataLoader(pin_memory=True)`` in its pinning thread."""
         return Batch(**{name: value.pin_memory() for name, value in self._data.items()})
 
+    def __reduce__(self):
+        # DataLoader workers send batches through a queue. torch would move each tensor into
+        # its own shared-memory segment (a fixed cost per tensor, ~14 tensors per batch);
+        # plain numpy bytes through the pipe cost several times less for batches this size.
+        if all(t.device.type == "cpu" and not t.requires_grad and t.dtype in _NUMPY_SAFE for t in self._data.values()):
+            return (_from_numpy, ({name: t.numpy() for name, t in self._data.items()},))
+        return (_from_tensors, (self._data,))
+
     @property
     def device(self) -> torch.device:
         return self._data[K.POSITIONS].device
@@ -95,6 +103,17 @@ class Batch:
             units = field.units
             lines.append(f"  {name:<18} {dtype:<8} {list(value.shape)!s:<14}{units}".rstrip())
         return "\n".join(lines)
+
+
+_NUMPY_SAFE = {torch.bool, torch.uint8, torch.int32, torch.int64, torch.float16, torch.float32, torch.float64}
+
+
+def _from_numpy(arrays: dict[str, np.ndarray]) -> Batch:
+    return Batch(**{name: torch.from_numpy(array) for name, array in arrays.items()})
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor]) -> Batch:
+    return Batch(**tensors)
 
 
 def _field_property(field: K.Field) -> property:
@@ -143,7 +162,7 @@ def collate(records: Sequence[Mapping[str, np.ndarray]]) -> Batch:
             continue
         arrays = [r[name] for r in records]
         if field.level == "structure":
-            stacked = np.stack(arrays)
+            stacked = np.array(arrays, dtype=field.dtype)  # faster than np.stack for small arrays
         elif field.is_index:
             offsets = np.repeat(ptr[:-1], [a.shape[field.cat_dim] for a in arrays])
             stacked = np.concatenate(arrays, axis=field.cat_dim) + offsets

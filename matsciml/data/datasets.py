@@ -25,13 +25,15 @@ Transform = Callable[[Record], Record]
 class _Shard:
     """One LMDB file: its format and record count.
 
-    It holds no environment: :func:`lmdb_shards.reader` keeps one per file and process,
-    so the shard pickles to DataLoader workers and reopens there.
+    The environment comes from :func:`lmdb_shards.reader` (one per file and process);
+    the shard remembers it for its own process only and drops it when pickled, so it
+    reopens in DataLoader workers.
     """
 
     def __init__(self, path: Path):
         self.path = path
         env = lmdb_shards.reader(path)
+        self._env, self._pid = env, os.getpid()
         _check_not_truncated(env, path)
         self.card = store.read_metadata(env, path)
         if self.card is not None:
@@ -46,7 +48,9 @@ class _Shard:
         return store.FORMAT_NAME if self.card is not None else "oc20-pickle"
 
     def read(self, index: int) -> dict:
-        with lmdb_shards.reader(self.path).begin() as txn:
+        if self._pid != os.getpid():
+            self._env, self._pid = lmdb_shards.reader(self.path), os.getpid()
+        with self._env.begin() as txn:
             value = txn.get(lmdb_shards.record_key(index))
         if value is None:
             raise DataError(self.path, f"record key {index} is missing (the shard claims {self.length} records)",
@@ -54,6 +58,9 @@ class _Shard:
         if self.card is not None:
             return store.decode(value, self.path, index)
         return oc20.decode(value, self.path, index)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_env": None, "_pid": None}
 
 
 def _check_not_truncated(env, path: Path) -> None:

@@ -15,7 +15,7 @@ Units follow the field's convention: energy eV, length Å, forces eV/Å, stress 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -47,10 +47,11 @@ class Field:
     doc: str
     cat_dim: int = 0
     is_index: bool = False
+    is_float: bool = field(init=False, default=False)
 
-    @property
-    def is_float(self) -> bool:
-        return np.issubdtype(self.dtype, np.floating)
+    def __post_init__(self) -> None:
+        # computed once: np.issubdtype is slow enough to show up per record
+        object.__setattr__(self, "is_float", bool(np.issubdtype(self.dtype, np.floating)))
 
 
 # --- geometry and identity (every record) -------------------------------------------

@@ -60,18 +60,23 @@ def radius_graph(
     if not pbc.any():
         cell = np.zeros((3, 3))  # vesin ignores the box then; a stale cell must not matter
     calculator = calculator or _calculator(cutoff)
-    i, j, shifts, distances = calculator.compute(positions, cell, pbc, quantities="ijSd", copy=True)
-    i, j, shifts = i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64)
+    # copy=False: these are views into vesin's buffers, valid until its next call; every
+    # array returned below is a fresh one made by fancy indexing.
+    i, j, shifts, distances = calculator.compute(positions, cell, pbc, quantities="ijSd", copy=False)
+    # vesin gives uint64 indices (always < 2**63) and int32 shifts: reinterpret, don't copy
+    i, j, shifts = i.view(np.int64), j.view(np.int64), shifts.astype(np.int64)
     order = _neighbour_order(i, j, shifts, distances, len(positions))
-    i, j, shifts = i[order], j[order], shifts[order]
     if max_neighbors is not None and len(i):
         counts = np.bincount(i, minlength=len(positions))
         if counts.max() > max_neighbors:
-            # i is sorted: an edge's rank among its centre's edges is its offset from the first
+            # in sorted order an edge's rank among its centre's edges is its offset from the
+            # centre's first edge; select before gathering, so each array is indexed once
             first = np.repeat(np.cumsum(counts) - counts, counts)
-            keep = np.arange(len(i)) - first < max_neighbors
-            i, j, shifts = i[keep], j[keep], shifts[keep]
-    return np.stack([j, i]), shifts
+            order = order[np.arange(len(order)) - first < max_neighbors]
+    edge_index = np.empty((2, len(order)), dtype=np.int64)
+    np.take(j, order, out=edge_index[0])
+    np.take(i, order, out=edge_index[1])
+    return edge_index, shifts[order]
 
 
 def _calculator(cutoff: float) -> vesin.NeighborList:
@@ -91,7 +96,7 @@ def _neighbour_order(i: np.ndarray, j: np.ndarray, shifts: np.ndarray, distances
     # the packed key could overflow (only for very large structures or cells).
     if float(num_atoms) * ranks * num_atoms * span**3 < 2**62:
         key = ((i * ranks + rank) * num_atoms + j) * span**3 + shift_code
-        return np.argsort(key, kind="stable")
+        return np.argsort(key)  # keys are unique, so any sort gives the same order
     return np.lexsort((shift_code, j, rank, i))
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from os import PathLike
 
+import math
+
 import numpy as np
 
 from matsciml.data import keys as K
@@ -107,10 +109,16 @@ def _check(record: Record, source, index) -> Record:
     if natoms == 0:
         raise DataError(source, "structure has zero atoms", index)
     for name, array in record.items():
-        expected = _expected_shape(name, natoms)
-        if array.shape != expected:
+        field = K.FIELDS[name]
+        shape = array.shape
+        # fast path for the common shapes, the general rule otherwise
+        ok = shape == (natoms, 3) if field.shape == ("N", 3) else (
+            shape == (natoms,) if field.shape == ("N",) else shape == field.shape
+        )
+        if not ok and shape != _expected_shape(name, natoms):
             raise DataError(source, f"{name} must have shape {_shape_text(name)}, got {array.shape}", index)
-        if K.FIELDS[name].is_float and not np.isfinite(array).all():
+        # a sum is finite exactly when every term is (float32 data cannot overflow it here)
+        if field.is_float and not math.isfinite(float(array.sum(dtype=np.float64))):
             raise DataError(source, f"{name} holds NaN or inf", index)
     numbers = record[K.ATOMIC_NUMBERS]
     if numbers.min() < 1 or numbers.max() > 118:

@@ -78,3 +78,17 @@ def test_repr_lists_every_field_with_shape_and_units(records):
 def test_every_declared_field_is_documented():
     for field in K.FIELDS.values():
         assert field.doc and getattr(Batch, field.name).__doc__.startswith(field.doc)
+
+
+def test_batch_pickles_to_equal_tensors_and_keeps_autograd_tensors_as_tensors(records):
+    import pickle
+
+    batch = collate(records)
+    clone = pickle.loads(pickle.dumps(batch))
+    assert set(clone.keys()) == set(batch.keys())
+    for name, value in batch.items():
+        assert clone[name].dtype == value.dtype and torch.equal(clone[name], value)
+    clone.positions.add_(1.0)  # writable, and no longer shares memory with the original
+    assert not torch.equal(clone.positions, batch.positions)
+    grad = batch.replace(positions=batch.positions.clone().requires_grad_(True))
+    assert pickle.loads(pickle.dumps(grad)).positions.requires_grad

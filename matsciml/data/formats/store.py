@@ -18,8 +18,10 @@ Each shard also holds two reserved keys:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -81,10 +83,8 @@ def decode(value: bytes, source: str | os.PathLike = "<bytes>", index: int | str
         offset = _PREFIX.size + head_len
         out = {}
         for name, dtype_str, shape in header:
-            dtype = np.dtype(dtype_str)
-            if dtype.kind not in _ALLOWED_KINDS:
-                raise ValueError(f"field {name!r} declares forbidden dtype {dtype_str!r}")
-            count = int(np.prod(shape, dtype=np.int64))
+            dtype = _dtype(dtype_str)
+            count = math.prod(shape)
             nbytes = count * dtype.itemsize
             if offset + nbytes > len(buffer):
                 raise ValueError(f"field {name!r} runs past the end of the value (truncated record)")
@@ -93,6 +93,14 @@ def decode(value: bytes, source: str | os.PathLike = "<bytes>", index: int | str
     except (ValueError, TypeError, json.JSONDecodeError) as err:
         raise DataError(source, f"corrupt matsciml record: {err}", index) from None
     return out
+
+
+@functools.cache
+def _dtype(text: str) -> np.dtype:
+    dtype = np.dtype(text)
+    if dtype.kind not in _ALLOWED_KINDS:
+        raise ValueError(f"forbidden dtype {text!r}")
+    return dtype
 
 
 def read_metadata(env, source: str | os.PathLike) -> dict | None:
