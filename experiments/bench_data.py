@@ -73,7 +73,7 @@ def time_raw(path: Path, limit: int | None) -> tuple[float, int]:
     count = 0
     start = time.perf_counter()
     for shard in lmdb_shards.shard_paths(path):
-        env = lmdb_shards.open_read(shard)
+        env = lmdb_shards.reader(shard)
         n = store.read_metadata(env, shard)["shard"]["count"]
         with env.begin() as txn:
             for key in range(n):
@@ -83,7 +83,6 @@ def time_raw(path: Path, limit: int | None) -> tuple[float, int]:
                 positions = record["positions"].astype(np.float64)
                 calculator.compute(positions, record["cell"].astype(np.float64), record["pbc"], quantities="ijS")
                 count += 1
-        env.close()
     return count / (time.perf_counter() - start), count
 
 

@@ -43,10 +43,9 @@ def inputs(tmp_path_factory, frames):
 def stored_items(path: Path) -> list[list[tuple[bytes, bytes]]]:
     items = []
     for shard in lmdb_shards.shard_paths(path):
-        env = lmdb_shards.open_read(shard)
+        env = lmdb_shards.reader(shard)
         with env.begin() as txn:
             items.append(list(txn.cursor().iternext()))
-        env.close()
     return items
 
 

@@ -181,3 +181,16 @@ def test_degenerate_periodic_cell_is_refused(tmp_path):
     record["cell"][2] = record["cell"][0]
     with pytest.raises(DataError, match="cell is degenerate along a periodic direction"):
         store.DatasetWriter(tmp_path / "out", task="s2ef").add(record)
+
+
+def test_a_replaced_dataset_is_read_afresh_in_the_same_process(tmp_path):
+    # the reader cache is keyed by inode; a new file may reuse a deleted file's inode number
+    path = write_dataset(tmp_path / "ds", 3)
+    assert [int(LMDBDataset(path)[i]["sid"]) for i in range(3)] == [0, 1, 2]
+    with store.DatasetWriter(path, task="s2ef", overwrite=True) as writer:
+        for seed in (7, 8):
+            writer.add(slab_record(seed))
+    dataset = LMDBDataset(path)
+    assert len(dataset) == 2 and [int(dataset[i]["sid"]) for i in range(2)] == [7, 8]
+    lmdb_shards.reader(lmdb_shards.shard_paths(path)[0])  # the shared environment stays usable
+    assert int(LMDBDataset(path)[1]["sid"]) == 8

@@ -105,14 +105,13 @@ def read_dataset(path: Path) -> tuple[list[dict], list[dict], list[list[bytes]]]
     """Records (in shard and numeric key order), each shard's metadata and raw keys."""
     records, metas, keys = [], [], []
     for shard in lmdb_shards.shard_paths(path):
-        env = lmdb_shards.open_read(shard)
+        env = lmdb_shards.reader(shard)
         metas.append(read_metadata(env, shard))
         with env.begin() as txn:
             shard_keys = [k for k in txn.cursor().iternext(values=False) if k.isdigit()]
             keys.append(shard_keys)
             for key in lmdb_shards.numeric_keys(env):
                 records.append(decode(txn.get(lmdb_shards.record_key(key)), shard, key))
-        env.close()
     return records, metas, keys
 
 

@@ -14,7 +14,7 @@ from ase import Atoms
 from ase.calculators.emt import EMT
 from ase.optimize import BFGS
 
-from matsciml.data.formats.lmdb_shards import open_read, record_key, shard_paths
+from matsciml.data.formats.lmdb_shards import reader, record_key, shard_paths
 from matsciml.data.formats.store import decode, read_metadata, read_natoms
 
 
@@ -26,22 +26,19 @@ def read_split(path: Path) -> tuple[list[dict], list[dict]]:
     """
     records, cards, digest = [], [], hashlib.sha256()
     for shard in shard_paths(path):
-        env = open_read(shard)
-        try:
-            card = read_metadata(env, shard)
-            assert card is not None, f"{shard} has no matsciml metadata"
-            with env.begin() as txn:
-                for index in range(card["shard"]["count"]):
-                    value = txn.get(record_key(index))
-                    assert value is not None, f"{shard} lacks record {index}"
-                    digest.update(record_key(index) + value)
-                    records.append(decode(value, shard, index))
-                assert txn.get(record_key(card["shard"]["count"])) is None, f"{shard} holds extra records"
-            natoms = read_natoms(env, shard)
-            shard_records = records[len(records) - card["shard"]["count"]:]
-            assert natoms.tolist() == [len(r["positions"]) for r in shard_records]
-        finally:
-            env.close()
+        env = reader(shard)  # shared per process: not ours to close
+        card = read_metadata(env, shard)
+        assert card is not None, f"{shard} has no matsciml metadata"
+        with env.begin() as txn:
+            for index in range(card["shard"]["count"]):
+                value = txn.get(record_key(index))
+                assert value is not None, f"{shard} lacks record {index}"
+                digest.update(record_key(index) + value)
+                records.append(decode(value, shard, index))
+            assert txn.get(record_key(card["shard"]["count"])) is None, f"{shard} holds extra records"
+        natoms = read_natoms(env, shard)
+        shard_records = records[len(records) - card["shard"]["count"]:]
+        assert natoms.tolist() == [len(r["positions"]) for r in shard_records]
         cards.append(card)
     assert all(card["content_hash"] == "sha256:" + digest.hexdigest() for card in cards)
     return records, cards

@@ -40,8 +40,7 @@ def _shard_sort_key(path: Path) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name))
 
 
-def open_read(path: Path) -> lmdb.Environment:
-    """Open one shard read-only, safely shareable by DataLoader workers after they open it."""
+def _open_read(path: Path) -> lmdb.Environment:
     try:
         return lmdb.open(
             str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
@@ -55,28 +54,35 @@ def open_read(path: Path) -> lmdb.Environment:
 # twice in one process (two datasets over the same split would collide), and its record
 # of open files survives fork(), so a DataLoader worker cannot reopen a file its parent
 # had open until it closes the inherited copy.
-_readers: dict[tuple[int, int], tuple[int, lmdb.Environment]] = {}
+_readers: dict[tuple[int, int], tuple[int, tuple[int, int], lmdb.Environment]] = {}
 
 
-def reader(path: Path) -> lmdb.Environment:
+def reader(path: str | os.PathLike) -> lmdb.Environment:
     """The process-wide read-only environment of one shard, opened on first use.
 
-    An environment inherited through ``fork`` is closed (in the child only) and reopened,
-    since LMDB environments must not be used across a fork.
+    Shared by every reader in the process: do not close it. An environment inherited
+    through ``fork`` is closed (in the child only) and reopened, since LMDB environments
+    must not be used across a fork; so is one whose file changed size or modification
+    time (a replaced file can reuse a deleted file's inode number).
+
+    Raises:
+        DataError: the file is missing or is not an LMDB.
     """
+    path = Path(path)
     try:
         stat = os.stat(path)
     except OSError as err:
         raise DataError(path, f"cannot read shard: {err.strerror}") from None
-    key = (stat.st_dev, stat.st_ino)
-    cached = _readers.get(key)
+    key, signature = (stat.st_dev, stat.st_ino), (stat.st_size, stat.st_mtime_ns)
+    cached = _readers.pop(key, None)
     if cached is not None:
-        owner, env = cached
-        if owner == os.getpid():
+        owner, cached_signature, env = cached
+        if owner == os.getpid() and cached_signature == signature:
+            _readers[key] = cached
             return env
         env.close()
-    env = open_read(path)
-    _readers[key] = (os.getpid(), env)
+    env = _open_read(path)
+    _readers[key] = (os.getpid(), signature, env)
     return env
 
 

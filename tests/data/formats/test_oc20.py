@@ -41,20 +41,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def _read(path: Path, index: int) -> dict[str, np.ndarray]:
-    env = lmdb_shards.open_read(path)
-    try:
-        with env.begin() as txn:
-            return oc20.decode(txn.get(lmdb_shards.record_key(index)), path, index)
-    finally:
-        env.close()
+    with lmdb_shards.reader(path).begin() as txn:
+        return oc20.decode(txn.get(lmdb_shards.record_key(index)), path, index)
 
 
 def _length(path: Path) -> int:
-    env = lmdb_shards.open_read(path)
-    try:
-        return oc20.shard_length(env, path)
-    finally:
-        env.close()
+    return oc20.shard_length(lmdb_shards.reader(path), path)
 
 
 def _assert_s2ef(out: dict[str, np.ndarray], record: dict) -> None:
@@ -210,12 +202,11 @@ def test_key_gaps_and_wrong_length_are_data_errors(tmp_path):
 def test_records_are_in_numeric_key_order(tmp_path):
     records = [s2ef_record(natoms=2 + i % 3, sid=i, seed=i) for i in range(12)]
     path = write_oc20_lmdb(tmp_path / "data.lmdb", records, length_key=False)
-    env = lmdb_shards.open_read(path)
+    env = lmdb_shards.reader(path)
     with env.begin() as txn:
         lexical = [int(key) for key in txn.cursor().iternext(values=False)]
     assert lexical[:3] == [0, 1, 10]  # what a naive reader would see
     assert lmdb_shards.numeric_keys(env) == list(range(12))
-    env.close()
     assert _length(path) == 12
     assert [int(_read(path, i)[K.SID]) for i in range(12)] == list(range(12))
 
