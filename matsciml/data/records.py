@@ -8,10 +8,9 @@ Records of matsciml's own format were normalised when written and only need
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from os import PathLike
-
-import math
 
 import numpy as np
 
