@@ -83,10 +83,10 @@ def _add_dataset_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matsciml import __version__
+    import matsciml
 
-    parser = argparse.ArgumentParser(prog="matsciml", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"matsciml {__version__}")
+    parser = argparse.ArgumentParser(prog="matsciml", description=matsciml.__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"matsciml {matsciml.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = commands.add_parser("data", help="inspect, check and convert datasets")
