@@ -35,7 +35,7 @@ from matsciml.data.batch import collate
 from matsciml.data.datasets import S2EFDataset
 from matsciml.data.devsets import devset_path
 from matsciml.data.formats import lmdb_shards, store
-from matsciml.data.neighbors import RadiusGraph
+from matsciml.data.neighbors import RadiusGraph, neighbor_calculator
 
 CUTOFF, MAX_NEIGHBORS, BATCH_SIZE = 6.0, 50, 8
 
@@ -69,7 +69,7 @@ def time_pipeline(path: Path, graph: RadiusGraph, num_workers: int, limit: int |
 
 def time_raw(path: Path, limit: int | None) -> tuple[float, int]:
     """LMDB reads, decoding and vesin: what any pipeline over these files must pay."""
-    calculator = vesin.NeighborList(cutoff=CUTOFF, full_list=True, n_threads=1)
+    calculator = neighbor_calculator(CUTOFF)  # the pipeline's own vesin settings
     count = 0
     start = time.perf_counter()
     for shard in lmdb_shards.shard_paths(path):

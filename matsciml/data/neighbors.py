@@ -59,7 +59,7 @@ def radius_graph(
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
     if not pbc.any():
         cell = np.zeros((3, 3))  # vesin ignores the box then; a stale cell must not matter
-    calculator = calculator or _calculator(cutoff)
+    calculator = calculator or neighbor_calculator(cutoff)
     # copy=False: these are views into vesin's buffers, valid until its next call; every
     # array returned below is a fresh one made by fancy indexing.
     i, j, shifts, distances = calculator.compute(positions, cell, pbc, quantities="ijSd", copy=False)
@@ -79,10 +79,15 @@ def radius_graph(
     return edge_index, shifts[order]
 
 
-def _calculator(cutoff: float) -> vesin.NeighborList:
+def neighbor_calculator(cutoff: float) -> vesin.NeighborList:
+    """A full-list vesin neighbour list on one thread, reusable across structures."""
     # One thread: graphs are built per structure inside DataLoader workers, which already
-    # run in parallel; vesin's default (all cores) would oversubscribe them.
-    return vesin.NeighborList(cutoff=cutoff, full_list=True, n_threads=1)
+    # run in parallel; vesin's default (all cores) would oversubscribe them. vesin 0.4, the
+    # last release that imports beside torch < 2.3, has no n_threads and uses one thread.
+    try:
+        return vesin.NeighborList(cutoff=cutoff, full_list=True, n_threads=1)
+    except TypeError:
+        return vesin.NeighborList(cutoff=cutoff, full_list=True)
 
 
 def _neighbour_order(i: np.ndarray, j: np.ndarray, shifts: np.ndarray, distances: np.ndarray,
@@ -128,7 +133,7 @@ class RadiusGraph:
 
     def __call__(self, record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._calculator is None:
-            self._calculator = _calculator(self.cutoff)
+            self._calculator = neighbor_calculator(self.cutoff)
         edge_index, shifts = radius_graph(
             record["positions"], record["cell"], record["pbc"], self.cutoff, self.max_neighbors,
             self._calculator,
