@@ -1,0 +1,54 @@
+"""Batches straight from ASE ``Atoms``: for calculators, tests and interactive use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from matsciml.data import keys as K
+from matsciml.data.batch import Batch, collate
+from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
+from matsciml.data.records import validate_record
+
+
+def atoms_record(atoms: Atoms, index: int = 0) -> dict[str, np.ndarray]:
+    """The geometry of ``atoms`` as a validated record (no targets; tags kept, fixed from FixAtoms)."""
+    fixed = np.zeros(len(atoms), dtype=bool)
+    for constraint in atoms.constraints:
+        if type(constraint).__name__ == "FixAtoms":
+            fixed[constraint.get_indices()] = True
+    record = {
+        K.POSITIONS: atoms.positions,
+        K.ATOMIC_NUMBERS: atoms.numbers,
+        K.CELL: atoms.cell.array,
+        K.PBC: atoms.pbc,
+        K.TAGS: atoms.get_tags(),
+        K.FIXED: fixed,
+        K.SID: index,
+    }
+    return validate_record(record, "<atoms>", index)
+
+
+def batch_from_atoms(
+    structures: Atoms | Sequence[Atoms],
+    cutoff: float = DEFAULT_CUTOFF,
+    max_neighbors: int | None = DEFAULT_MAX_NEIGHBORS,
+    dtype: torch.dtype = torch.float32,
+) -> Batch:
+    """A graph batch of one or more structures, with floating fields in ``dtype``.
+
+    Positions keep their full precision when ``dtype`` is float64 (records store float32,
+    but here the Atoms' own coordinates are used).
+    """
+    if isinstance(structures, Atoms):
+        structures = [structures]
+    graph = RadiusGraph(cutoff, max_neighbors, allow_isolated=True)
+    records = [graph(atoms_record(atoms, index)) for index, atoms in enumerate(structures)]
+    batch = collate(records).to(dtype=dtype)
+    # collate stores float32; restore exact coordinates and cells for float64 work
+    positions = np.concatenate([atoms.positions for atoms in structures])
+    cells = np.stack([atoms.cell.array for atoms in structures])
+    return batch.replace(positions=torch.as_tensor(positions, dtype=dtype), cell=torch.as_tensor(cells, dtype=dtype))

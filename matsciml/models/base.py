@@ -1,0 +1,95 @@
+"""The research API: a model maps a batch to per-structure energies.
+
+Subclass :class:`AbstractEnergyModel` and implement :meth:`~AbstractEnergyModel.energy`.
+Everything else (forces as ``-dE/dpositions``, losses, normalisation, logging) belongs to
+the tasks, so a new model stays a few dozen lines. Geometry is recomputed here, inside the
+differentiable forward pass, so autograd forces see every path from positions to energy.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import ClassVar, Literal
+
+import torch
+
+from matsciml.data.batch import Batch
+
+Representation = Literal["graph", "point_cloud"]
+
+
+class AbstractEnergyModel(torch.nn.Module, abc.ABC):
+    """Base class of every energy model.
+
+    Class attributes a subclass declares:
+        representation: the batch it needs, ``"graph"`` (``edge_index``/``cell_shifts``) or
+            ``"point_cloud"`` (``point_index``/``point_mask``/``point_features``).
+        per_atom: whether :meth:`energy` returns per-atom energies ``(num_atoms,)``, which
+            the base class sums per structure, instead of ``(num_structures,)``.
+
+    Args:
+        cutoff: interaction radius in Å; the data's radius graph must use at least this.
+    """
+
+    representation: ClassVar[Representation] = "graph"
+    per_atom: ClassVar[bool] = False
+
+    def __init__(self, cutoff: float = 6.0):
+        super().__init__()
+        if cutoff <= 0:
+            raise ValueError(f"cutoff must be positive, got {cutoff}")
+        self.cutoff = cutoff
+
+    @abc.abstractmethod
+    def energy(self, batch: Batch) -> torch.Tensor:
+        """Energies in eV: ``(num_structures,)``, or ``(num_atoms,)`` when ``per_atom``."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Per-structure energies in eV, shape ``(num_structures,)``."""
+        if self.representation == "graph" and batch.edge_index is None:
+            raise ValueError(f"{type(self).__name__} needs a graph batch (representation='graph' in the data)")
+        if self.representation == "point_cloud" and batch.point_index is None:
+            raise ValueError(f"{type(self).__name__} needs point clouds (representation='point_cloud' in the data)")
+        energy = self.energy(batch)
+        if self.per_atom:
+            return self.sum_per_structure(energy, batch)
+        if energy.shape != (batch.num_structures,):
+            raise ValueError(f"{type(self).__name__}.energy returned shape {tuple(energy.shape)}; expected "
+                             f"({batch.num_structures},), one energy per structure (set per_atom=True for atoms)")
+        return energy
+
+    # -- helpers for subclasses ----------------------------------------------------------
+    @staticmethod
+    def edge_vectors(batch: Batch) -> torch.Tensor:
+        """Vectors from each centre ``i`` to its neighbour ``j``, periodic images included.
+
+        ``positions[j] - positions[i] + cell_shifts @ cell``, computed from the batch's
+        tensors so gradients reach ``positions`` (and ``cell``, for stress).
+
+        Shapes:
+            returns ``(num_edges, 3)`` in the dtype of ``positions``.
+        """
+        j, i = batch.edge_index
+        cell = batch.cell[batch.structure_index[i]]
+        offsets = torch.einsum("ek,ekl->el", batch.cell_shifts.to(cell.dtype), cell)
+        return batch.positions[j] - batch.positions[i] + offsets
+
+    @staticmethod
+    def sum_per_structure(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Sum per-atom values ``(num_atoms, ...)`` into ``(num_structures, ...)``."""
+        out = values.new_zeros((batch.num_structures, *values.shape[1:]))
+        return out.index_add(0, batch.structure_index, values)
+
+    @staticmethod
+    def cosine_cutoff(distances: torch.Tensor, cutoff: float) -> torch.Tensor:
+        """Smooth envelope, 1 at r = 0 and 0 with zero slope at the cutoff.
+
+        Multiplying messages by it keeps energies and forces continuous when atoms cross
+        the cutoff.
+        """
+        envelope = 0.5 * (torch.cos(distances * (math.pi / cutoff)) + 1.0)
+        return envelope * (distances < cutoff).to(distances.dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
