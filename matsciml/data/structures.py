@@ -46,7 +46,11 @@ def batch_from_atoms(
     if isinstance(structures, Atoms):
         structures = [structures]
     graph = RadiusGraph(cutoff, max_neighbors, allow_isolated=True)
-    records = [graph(atoms_record(atoms, index)) for index, atoms in enumerate(structures)]
+    # the graph comes from the exact coordinates, not the float32 copies in the records
+    records = [
+        graph({**atoms_record(atoms, index), K.POSITIONS: atoms.positions, K.CELL: atoms.cell.array})
+        for index, atoms in enumerate(structures)
+    ]
     batch = collate(records).to(dtype=dtype)
     # collate stores float32; restore exact coordinates and cells for float64 work
     positions = np.concatenate([atoms.positions for atoms in structures])
