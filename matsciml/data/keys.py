@@ -113,8 +113,8 @@ FIELDS: dict[str, Field] = {
     )
 }
 
-#: Fields every record must hold; the rest depend on the task.
-REQUIRED = (POSITIONS, ATOMIC_NUMBERS, CELL, PBC)
+#: Fields every record must hold (cell, pbc, tags and fixed have defaults); targets depend on the task.
+REQUIRED = (POSITIONS, ATOMIC_NUMBERS)
 
 #: Target fields each task needs in its records.
 TASK_TARGETS: dict[str, tuple[str, ...]] = {

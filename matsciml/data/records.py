@@ -77,7 +77,7 @@ def check_stored_record(record: Record, source: str | PathLike, index: int | str
 def _require(record: Mapping[str, object], source, index, task: str | None) -> None:
     if task is not None and task not in K.TASK_TARGETS:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(K.TASK_TARGETS)}")
-    required = (K.POSITIONS, K.ATOMIC_NUMBERS, *K.TASK_TARGETS.get(task, ()))
+    required = (*K.REQUIRED, *K.TASK_TARGETS.get(task, ()))
     missing = [name for name in required if record.get(name) is None]
     if missing:
         raise DataError(source, f"missing required field(s) {missing}; present: {sorted(record)}", index)
