@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matsciml", description=matsciml.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"matsciml {matsciml.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # fit/validate/test/predict are dispatched to LightningCLI before argparse sees them;
+    # they are listed here so that `matsciml --help` shows them.
+    for name, text in TRAINING_HELP.items():
+        commands.add_parser(name, help=f"{text} (LightningCLI: matsciml {name} --config FILE; see --help)")
 
     data = commands.add_parser("data", help="inspect, check and convert datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -142,7 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_HELP = {
+    "fit": "train a model",
+    "validate": "evaluate on the validation split",
+    "test": "evaluate on the test split",
+    "predict": "predict energies and forces",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TRAINING_HELP:
+        from matsciml.training_cli import run
+
+        run(argv)
+        return 0
     from matsciml.data.errors import DataError
 
     args = build_parser().parse_args(argv)

@@ -13,13 +13,16 @@ from typing import ClassVar, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from rich.console import Console
 from torch.utils.data import DataLoader
 
 from matsciml.data.batch import collate
 from matsciml.data.datasets import IS2REDataset, LMDBDataset, S2EFDataset, Transform
 from matsciml.data.devsets import devset_path
+from matsciml.data.formats.card import DatasetStatistics
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.pointcloud import DEFAULT_NUM_SPECIES, PointCloudCollate, PointCloudSample
+from matsciml.data.progress import progress_bar
 
 Representation = Literal["graph", "point_cloud"]
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -41,6 +44,8 @@ class AtomisticDataModule(pl.LightningDataModule):
         shuffle: shuffle the training split each epoch.
         seed: seed of the training shuffle and the point-cloud sampling.
         pin_memory: pin batches for faster host-to-GPU copies (defaults to CUDA availability).
+        statistics_sample: records read to estimate element set and target statistics of
+            datasets without a metadata card (legacy OC20 files); matsciml files carry exact ones.
     """
 
     task: ClassVar[str]
@@ -63,6 +68,7 @@ class AtomisticDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         seed: int = 0,
         pin_memory: bool | None = None,
+        statistics_sample: int = 10_000,
     ):
         super().__init__()
         if batch_size < 1:
@@ -71,6 +77,9 @@ class AtomisticDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if representation not in ("graph", "point_cloud"):
             raise ValueError(f"representation must be 'graph' or 'point_cloud', got {representation!r}")
+        # plain strings: hyperparameters go into checkpoints, which load with weights_only=True
+        train_path, val_path, test_path, predict_path = (
+            None if p is None else os.fspath(p) for p in (train_path, val_path, test_path, predict_path))
         self.paths = {"train": train_path, "val": val_path, "test": test_path, "predict": predict_path}
         if all(p is None for p in self.paths.values()):
             raise ValueError("give at least one of train_path, val_path, test_path, predict_path"
@@ -86,7 +95,9 @@ class AtomisticDataModule(pl.LightningDataModule):
         self.shuffle = shuffle
         self.seed = seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.statistics_sample = statistics_sample
         self.datasets: dict[str, LMDBDataset] = {}
+        self._sampled_card: dict | None = None
         self.save_hyperparameters(ignore=["transforms"])
 
     @classmethod
@@ -139,10 +150,16 @@ class AtomisticDataModule(pl.LightningDataModule):
 
     # -- what the data knows (linked into models by the CLI) ---------------------------
     def _card(self) -> dict | None:
+        """The first available split's card; for files without one (OC20), an estimate."""
         for split in ("train", "val", "test", "predict"):
             if self.paths[split] is not None:
                 self.setup({"train": "fit", "val": "validate"}.get(split, split))
-                return self.datasets[split].metadata
+                dataset = self.datasets[split]
+                if dataset.metadata is not None:
+                    return dataset.metadata
+                if self._sampled_card is None:
+                    self._sampled_card = sampled_card(dataset, self.statistics_sample, self.seed)
+                return self._sampled_card
         return None
 
     @property
@@ -161,6 +178,19 @@ class AtomisticDataModule(pl.LightningDataModule):
         """Atom counts of a split, from its metadata (for balanced batching)."""
         self.setup({"train": "fit", "val": "validate"}.get(split, split))
         return self.datasets[split].natoms()
+
+
+def sampled_card(dataset: LMDBDataset, sample: int, seed: int) -> dict:
+    """Element set and target statistics from a seeded sample of ``sample`` records."""
+    count = min(sample, len(dataset))
+    indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=count, replace=False))
+    statistics = DatasetStatistics(dataset.task)
+    with progress_bar(Console(stderr=True), "records") as bar:
+        job = bar.add_task(f"statistics of {dataset.path.name} ({count} of {len(dataset)} records)", total=count)
+        for index in indices:
+            statistics.add(dataset.read(int(index)))
+            bar.advance(job)
+    return statistics.summary()
 
 
 class S2EFDataModule(AtomisticDataModule):

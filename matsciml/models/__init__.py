@@ -2,5 +2,6 @@
 
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.models.egnn import EGNN
+from matsciml.models.megnet import MegNet
 
-__all__ = ["EGNN", "AbstractEnergyModel"]
+__all__ = ["EGNN", "AbstractEnergyModel", "MegNet"]

@@ -9,8 +9,11 @@ differentiable forward pass, so autograd forces see every path from positions to
 from __future__ import annotations
 
 import abc
+import functools
+import importlib
+import inspect
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -40,6 +43,47 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
         if cutoff <= 0:
             raise ValueError(f"cutoff must be positive, got {cutoff}")
         self.cutoff = cutoff
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Record the arguments of the outermost __init__ so that a checkpoint can rebuild the
+        # model from plain data (spec()), without pickling the module object.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args: Any, **kw: Any) -> None:
+            if "_init_args" not in self.__dict__:
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                arguments = dict(bound.arguments)
+                arguments.pop(next(iter(signature.parameters)))
+                for name, parameter in signature.parameters.items():
+                    if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                        arguments.update(arguments.pop(name))
+                object.__setattr__(self, "_init_args", _plain(arguments))
+            init(self, *args, **kw)
+
+        cls.__init__ = recording_init
+
+    def spec(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}`` that rebuilds this model (the LightningCLI format)."""
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(self._init_args)}
+
+    @staticmethod
+    def from_spec(spec: dict[str, Any]) -> AbstractEnergyModel:
+        """Build a model from :meth:`spec` output; only ``AbstractEnergyModel`` subclasses load."""
+        module_name, _, class_name = spec["class_path"].rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ValueError(f"cannot import model class {spec['class_path']!r}: {err}") from err
+        if not (isinstance(cls, type) and issubclass(cls, AbstractEnergyModel)):
+            raise ValueError(f"{spec['class_path']!r} is not an AbstractEnergyModel subclass")
+        return cls(**spec.get("init_args", {}))
 
     @abc.abstractmethod
     def energy(self, batch: Batch) -> torch.Tensor:
@@ -93,3 +137,12 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively: specs must survive YAML and ``torch.load(weights_only=True)``."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

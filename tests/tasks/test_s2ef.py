@@ -1,0 +1,194 @@
+"""S2EF task: autograd forces everywhere, masked losses, metrics in eV, one backward, checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+from helpers.physics import small_bulk
+from helpers.training import quiet_trainer, tiny_egnn
+
+from matsciml.data.datamodules import S2EFDataModule
+from matsciml.data.structures import batch_from_atoms
+from matsciml.tasks import S2EFLitModule, S2EFTask
+
+
+@pytest.fixture(scope="module")
+def datamodule():
+    dm = S2EFDataModule.from_devset(batch_size=4, shuffle=False)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture
+def task(datamodule):
+    torch.manual_seed(0)
+    return S2EFTask(tiny_egnn(), statistics=datamodule.target_statistics)
+
+
+def first_batch(datamodule, split="val"):
+    return next(iter(datamodule.val_dataloader() if split == "val" else datamodule.train_dataloader()))
+
+
+def manual_forces(task, batch):
+    positions = batch.positions.clone().requires_grad_(True)
+    energy = task.energy(batch.replace(positions=positions))
+    return -torch.autograd.grad(energy.sum(), positions)[0]
+
+
+def test_paper_name_is_an_alias():
+    assert S2EFLitModule is S2EFTask
+
+
+def test_forces_are_minus_energy_gradient_in_train_and_eval(task, datamodule):
+    batch = first_batch(datamodule)
+    expected = manual_forces(task, batch)
+    task.train()
+    train_forces = task(batch)["forces"]
+    assert train_forces.requires_grad  # create_graph: the force loss reaches the weights
+    assert torch.allclose(train_forces, expected, atol=1e-6)
+    task.eval()
+    with torch.inference_mode():  # what Lightning wraps validation, test and predict in
+        inference_batch = first_batch(datamodule)
+        out = task(inference_batch)
+    assert torch.allclose(out["forces"], expected, atol=1e-6)
+
+
+def test_validate_and_predict_under_lightning_inference_mode_give_autograd_forces(task, datamodule):
+    trainer = quiet_trainer(limit_val_batches=2, limit_predict_batches=2)
+    metrics = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+    assert metrics["val/force_mae"] > 0 and np.isfinite(metrics["val/force_mae"])
+    predictions = trainer.predict(task, dataloaders=datamodule.predict_dataloader())
+    batch = next(iter(datamodule.predict_dataloader()))
+    task.eval()
+    expected = manual_forces(task, batch).split(batch.natoms.tolist())
+    first = predictions[0]
+    assert torch.equal(first["sid"], batch.sid) and torch.equal(first["fid"], batch.fid)
+    assert first["energy"].shape == (batch.num_structures,)
+    for predicted, reference in zip(first["forces"], expected, strict=True):
+        assert torch.allclose(predicted, reference, atol=1e-6)
+
+
+def test_force_loss_and_metrics_ignore_fixed_atoms(task, datamodule):
+    batch = first_batch(datamodule)
+    assert batch.fixed.any() and (~batch.fixed).any()
+    noisy = batch.forces.clone()
+    noisy[batch.fixed] += 100.0
+    task.eval()
+    loss, metrics = task.step(batch)
+    loss_noisy, metrics_noisy = task.step(batch.replace(forces=noisy))
+    assert torch.allclose(loss, loss_noisy)
+    assert torch.allclose(metrics["force_mae"][0], metrics_noisy["force_mae"][0])
+    assert metrics["force_mae"][1] == 3 * int((~batch.fixed).sum())
+
+
+def test_metrics_are_in_ev_not_normalised_units(task, datamodule):
+    batch = first_batch(datamodule)
+    task.eval()
+    _, metrics = task.step(batch)
+    out = task(batch)
+    free = ~batch.fixed
+    energy_mae = (out["energy"] - batch.energy).abs().mean()
+    force_mae = (out["forces"][free] - batch.forces[free]).abs().mean()
+    assert torch.allclose(metrics["energy_mae"][0], energy_mae)
+    assert torch.allclose(metrics["energy_per_atom_mae"][0], ((out["energy"] - batch.energy).abs() / batch.natoms).mean())
+    assert torch.allclose(metrics["force_mae"][0], force_mae)
+    assert torch.allclose(metrics["energy_mae_baseline"][0], (batch.energy - task.mean_energy.float()).abs().mean())
+    assert float(task.normalizer.scale) != 1.0  # the normaliser is active, so the check means something
+
+
+def test_untrained_model_predicts_the_training_mean_per_atom(datamodule):
+    stats = datamodule.target_statistics
+    model = tiny_egnn()
+    torch.nn.init.zeros_(model.output[-1].weight)
+    torch.nn.init.zeros_(model.output[-1].bias)
+    task = S2EFTask(model, statistics=stats).eval()
+    batch = first_batch(datamodule)
+    expected = stats["energy_per_atom"]["mean"] * batch.natoms.double()
+    assert torch.allclose(task(batch)["energy"].double(), expected, rtol=1e-5)
+
+
+def test_one_backward_per_training_step(task, datamodule):
+    calls = []
+    parameter = next(task.model.parameters())
+    parameter.register_hook(lambda grad: calls.append(1))
+    quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(task, datamodule=datamodule)
+    assert len(calls) == 3
+
+
+def test_scheduler_steps_once_per_epoch(datamodule):
+    task = S2EFTask(tiny_egnn(), lr=1e-3, gamma=0.5, statistics=datamodule.target_statistics)
+    trainer = quiet_trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(task, datamodule=datamodule)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**3)
+
+
+def test_normalisers_are_fitted_in_setup_and_restored_from_the_checkpoint(datamodule, tmp_path):
+    task = S2EFTask(tiny_egnn())  # no statistics given: setup() takes them from the datamodule
+    assert not bool(task.fitted)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(task, datamodule=datamodule)
+    stats = datamodule.target_statistics
+    assert float(task.normalizer.scale) == pytest.approx(stats["forces"]["components"]["std"])
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = S2EFTask.load_from_checkpoint(path, weights_only=True)  # plain data: no code runs
+    assert bool(restored.fitted)
+    for name, buffer in task.normalizer.named_buffers():
+        assert torch.equal(buffer, getattr(restored.normalizer, name))
+    batch = first_batch(datamodule)
+    task.eval()
+    restored.eval()
+    assert torch.allclose(task(batch)["energy"], restored(batch)["energy"])
+
+
+def test_stress_is_the_strain_derivative_over_volume():
+    atoms = small_bulk()
+    torch.manual_seed(0)
+    task = S2EFTask(tiny_egnn(cutoff=5.0), regress_stress=True).double().eval()
+    batch = batch_from_atoms([atoms], cutoff=5.0, max_neighbors=None, dtype=torch.float64)
+    stress = task(batch)["stress"][0]
+    volume = atoms.get_volume()
+    step = 1e-6
+    numeric = torch.zeros(3, 3, dtype=torch.float64)
+    for a in range(3):
+        for b in range(3):
+            energies = []
+            for sign in (1, -1):
+                strain = torch.zeros(3, 3, dtype=torch.float64)
+                strain[a, b] += sign * step / 2
+                strain[b, a] += sign * step / 2
+                deform = torch.eye(3, dtype=torch.float64) + strain
+                strained = batch.replace(positions=batch.positions @ deform, cell=batch.cell @ deform)
+                energies.append(task.energy(strained).sum())
+            numeric[a, b] = (energies[0] - energies[1]) / (2 * step) / volume
+    assert torch.allclose(stress, numeric, atol=1e-7)
+    assert torch.allclose(stress, stress.T, atol=1e-12)
+
+
+def test_setup_refuses_mismatched_data(datamodule):
+    point_clouds = S2EFDataModule.from_devset(batch_size=2, representation="point_cloud")
+    with pytest.raises(ValueError, match="representation"):
+        quiet_trainer(max_steps=1).fit(S2EFTask(tiny_egnn()), datamodule=point_clouds)
+    short = S2EFDataModule.from_devset(batch_size=2, cutoff=4.0)
+    with pytest.raises(ValueError, match="shorter than the model's cutoff"):
+        quiet_trainer(max_steps=1).fit(S2EFTask(tiny_egnn(cutoff=6.0)), datamodule=short)
+    with pytest.raises(ValueError, match="embeds only"):
+        S2EFTask(tiny_egnn(num_species=20), species=[1, 8, 29])
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="lr must be positive"):
+        S2EFTask(tiny_egnn(), lr=0)
+    with pytest.raises(ValueError, match="gamma"):
+        S2EFTask(tiny_egnn(), gamma=1.5)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        S2EFTask(tiny_egnn(), loss="huber")
+    with pytest.raises(TypeError, match="AbstractEnergyModel"):
+        S2EFTask(torch.nn.Linear(2, 2))
+
+
+def test_model_rebuilds_from_its_spec_in_hparams():
+    task = S2EFTask(tiny_egnn(hidden=12))
+    rebuilt = S2EFTask(**{k: v for k, v in task.hparams.items()})
+    assert rebuilt.model.spec() == task.model.spec()
+    assert task.hparams["model"]["class_path"] == "matsciml.models.egnn.EGNN"
+
