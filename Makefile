@@ -21,8 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/matsciml data info --devset s2ef
-	$(BIN)/matsciml data check --devset s2ef --split train --batch-size 8
+	$(BIN)/matsciml fit --config configs/devset/s2ef-egnn.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from matsciml.data.datamodules import AtomisticDataModule
@@ -46,11 +48,15 @@ def run(argv: list[str]) -> None:
     """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/devset/s2ef-egnn.yaml"]``."""
     trainer_defaults: dict[str, Any] = {
         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        # checkpoints/last.ckpt always names the newest checkpoint of a run
+        "callbacks": [ModelCheckpoint(save_last=True)],
     }
     # LightningCLI reads sys.argv (given args next to a command line earn a warning), so
     # present argv as the command line for the duration of the run.
     # Lightning 2.6 calls a jsonargparse API deprecated in 4.4x; the warning is not the user's to act on.
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    # Lightning 2.6 with torch >= 2.10: a FutureWarning from inside Lightning's loader code.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
     saved = sys.argv
     sys.argv = ["matsciml", *argv]
     try:

@@ -1,7 +1,18 @@
 """Session-wide test data, generated with ASE EMT in a temporary directory."""
 
 import pytest
+import torch
 from helpers.structures import write_dataset
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread_per_test_process():
+    """Tests run in two xdist processes on two cores and their tensors are small: a second
+    intra-op thread per process only adds OpenMP contention (tenfold under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

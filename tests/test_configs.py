@@ -36,10 +36,10 @@ def test_devset_config_trains_through_the_cli(path, tmp_path, monkeypatch, capsy
     assert main(["fit", "--config", str(path), *QUICK, logs]) == 0
     out = capsys.readouterr().out
     assert "validation metrics after training" in out and "energy MAE" in out
-    checkpoints = list(tmp_path.rglob("*.ckpt"))
-    assert len(checkpoints) == 1
-    # the checkpoint validates and predicts through the CLI as well
-    assert main(["validate", "--config", str(path), f"--ckpt_path={checkpoints[0]}", "--trainer.limit_val_batches=1",
+    last = list(tmp_path.rglob("last.ckpt"))
+    assert len(last) == 1
+    # the checkpoint validates through the CLI as well
+    assert main(["validate", "--config", str(path), f"--ckpt_path={last[0]}", "--trainer.limit_val_batches=1",
                  "--trainer.enable_progress_bar=false", logs]) == 0
 
 

@@ -19,3 +19,13 @@ def test_readme_python_example_runs(capsys):
 def test_readme_first_screen_names_the_two_commands():
     first_screen = "\n".join(README.read_text().splitlines()[:40])
     assert "make demo" in first_screen and "make test" in first_screen
+
+
+def test_readme_training_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2, "README lost its training example"
+    code = blocks[1].replace("max_epochs=2", "max_epochs=1, limit_train_batches=3, limit_val_batches=2")
+    code = code.replace("logger=False", "logger=False, enable_progress_bar=False")
+    exec(compile(code, str(README), "exec"), {})  # noqa: S102 - our own README
+    force_mae = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < force_mae < 1.0  # eV/Å, not normalised units

@@ -11,6 +11,7 @@ from ase import Atoms
 from matsciml.data import keys as K
 from matsciml.data.batch import Batch, collate
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
+from matsciml.data.pointcloud import PointCloudCollate
 from matsciml.data.records import validate_record
 
 
@@ -37,21 +38,33 @@ def batch_from_atoms(
     cutoff: float = DEFAULT_CUTOFF,
     max_neighbors: int | None = DEFAULT_MAX_NEIGHBORS,
     dtype: torch.dtype = torch.float32,
+    representation: str = "graph",
 ) -> Batch:
-    """A graph batch of one or more structures, with floating fields in ``dtype``.
+    """A batch of one or more structures, with floating fields in ``dtype``.
+
+    ``representation="graph"`` (default) adds the radius graph; ``"point_cloud"`` collates
+    with :class:`~matsciml.data.pointcloud.PointCloudCollate`, as the data pipeline does,
+    and keeps every atom (no sub-surface sampling: a calculator needs forces on all atoms);
+    ``cutoff`` and ``max_neighbors`` are then unused.
 
     Positions keep their full precision when ``dtype`` is float64 (records store float32,
     but here the Atoms' own coordinates are used).
     """
+    if representation not in ("graph", "point_cloud"):
+        raise ValueError(f"representation must be 'graph' or 'point_cloud', got {representation!r}")
     if isinstance(structures, Atoms):
         structures = [structures]
-    graph = RadiusGraph(cutoff, max_neighbors, allow_isolated=True)
-    # the graph comes from the exact coordinates, not the float32 copies in the records
-    records = [
-        graph({**atoms_record(atoms, index), K.POSITIONS: atoms.positions, K.CELL: atoms.cell.array})
-        for index, atoms in enumerate(structures)
-    ]
-    batch = collate(records).to(dtype=dtype)
+    if representation == "graph":
+        graph = RadiusGraph(cutoff, max_neighbors, allow_isolated=True)
+        # the graph comes from the exact coordinates, not the float32 copies in the records
+        records = [
+            graph({**atoms_record(atoms, index), K.POSITIONS: atoms.positions, K.CELL: atoms.cell.array})
+            for index, atoms in enumerate(structures)
+        ]
+        batch = collate(records).to(dtype=dtype)
+    else:
+        records = [atoms_record(atoms, index) for index, atoms in enumerate(structures)]
+        batch = PointCloudCollate()(records).to(dtype=dtype)
     # collate stores float32; restore exact coordinates and cells for float64 work
     positions = np.concatenate([atoms.positions for atoms in structures])
     cells = np.stack([atoms.cell.array for atoms in structures])

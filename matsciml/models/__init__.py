@@ -2,6 +2,7 @@
 
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.models.egnn import EGNN
+from matsciml.models.gala import Gala
 from matsciml.models.megnet import MegNet
 
-__all__ = ["EGNN", "AbstractEnergyModel", "MegNet"]
+__all__ = ["EGNN", "AbstractEnergyModel", "Gala", "MegNet"]

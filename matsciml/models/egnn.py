@@ -30,20 +30,7 @@ from torch import nn
 
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
-
-ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
-
-
-def mlp(sizes: Sequence[int], activation: str, last_activation: bool = False) -> nn.Sequential:
-    """Linear layers of the given sizes with ``activation`` between them."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    layers: list[nn.Module] = []
-    for index, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(n_in, n_out))
-        if index < len(sizes) - 2 or last_activation:
-            layers.append(ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
+from matsciml.models.layers import mlp
 
 
 class EGNNLayer(nn.Module):

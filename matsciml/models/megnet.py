@@ -67,26 +67,10 @@ from torch import nn
 
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
+from matsciml.models.layers import check_activation, mlp
 
-
-class ShiftedSoftplus(nn.Module):
-    """``softplus(x) - log 2``: smooth, and zero at zero (the paper's activation)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.softplus(x) - math.log(2.0)
-
-
-ACTIVATIONS = {"softplus": ShiftedSoftplus, "silu": nn.SiLU}
-
-
-def mlp(sizes: Sequence[int], activation: str, last_activation: bool = False) -> nn.Sequential:
-    """Linear layers of the given sizes with ``activation`` between them (and after the last)."""
-    layers: list[nn.Module] = []
-    for index, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(n_in, n_out))
-        if index < len(sizes) - 2 or last_activation:
-            layers.append(ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
+#: smooth activations only: forces are derivatives of the energy
+SMOOTH_ACTIVATIONS = ("softplus", "silu")
 
 
 def segment_softmax(logits: torch.Tensor, index: torch.Tensor, num_segments: int,
@@ -268,8 +252,7 @@ class MegNet(AbstractEnergyModel):
         num_species: int = 100,
     ):
         super().__init__(cutoff=cutoff)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        check_activation(activation, SMOOTH_ACTIVATIONS)
         for name, value in (("node_dim", node_dim), ("state_dim", state_dim), ("num_gaussians", num_gaussians),
                             ("num_blocks", num_blocks), ("set2set_layers", set2set_layers),
                             ("set2set_steps", set2set_steps), ("num_species", num_species)):

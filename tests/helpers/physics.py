@@ -50,6 +50,8 @@ class PhysicsBattery:
     cutoff = 5.0
     #: finite-range models repeat exactly under a supercell; set False for global readouts
     finite_cutoff = True
+    #: the batch the model reads; set it from the model (``representation = Model.representation``)
+    representation = "graph"
 
     def make_model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -60,7 +62,8 @@ class PhysicsBattery:
         return self.make_model().double().eval()
 
     def batch(self, structures):
-        return batch_from_atoms(structures, cutoff=self.cutoff, max_neighbors=None, dtype=torch.float64)
+        return batch_from_atoms(structures, cutoff=self.cutoff, max_neighbors=None, dtype=torch.float64,
+                                representation=self.representation)
 
     def test_output_shape_is_one_energy_per_structure(self, model):
         batch = self.batch([slab(), small_bulk(), molecule_like()])

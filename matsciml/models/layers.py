@@ -1,0 +1,41 @@
+"""Building blocks shared by the models: activations and plain MLPs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class ShiftedSoftplus(nn.Module):
+    """``softplus(x) - log 2``: smooth, and zero at zero (MEGNet's and SchNet's activation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(x) - math.log(2.0)
+
+
+#: Activations by name. Smooth ones (all but relu) keep forces -dE/dx continuous.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "silu": nn.SiLU,
+    "softplus": ShiftedSoftplus,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+}
+
+
+def check_activation(name: str, allowed: Sequence[str] = tuple(ACTIVATIONS)) -> None:
+    if name not in allowed:
+        raise ValueError(f"activation must be one of {sorted(allowed)}, got {name!r}")
+
+
+def mlp(sizes: Sequence[int], activation: str, last_activation: bool = False) -> nn.Sequential:
+    """Linear layers of the given sizes with ``activation`` between them (and after the last)."""
+    check_activation(activation)
+    layers: list[nn.Module] = []
+    for index, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if index < len(sizes) - 2 or last_activation:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
