@@ -7,6 +7,9 @@ YAML. What the data knows is linked into the task instead of being repeated in c
 * ``data.cutoff`` -> the energy model's ``cutoff`` (the radius graph and the model agree);
 * the training split's element set -> ``model.species`` (checked against the embedding);
 * the training split's target statistics -> ``model.statistics`` (the normaliser).
+
+``predict`` writes ``predictions.npz`` (sid, fid, energy, natoms, forces) to the run folder, or
+to ``--prediction_writer.path``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from matsciml.data.datamodules import AtomisticDataModule
 from matsciml.tasks.base import AtomisticTask
+from matsciml.tasks.predictions import PredictionWriter
 from matsciml.tasks.report import MetricsReport
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -42,6 +46,7 @@ class MatSciMLCLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.species", compute_fn=_species, apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.statistics", compute_fn=_statistics, apply_on="instantiate")
         parser.add_lightning_class_args(MetricsReport, "metrics_report")
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
 
 
 def run(argv: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -38,9 +39,17 @@ def test_devset_config_trains_through_the_cli(path, tmp_path, monkeypatch, capsy
     assert "validation metrics after training" in out and "energy MAE" in out
     last = list(tmp_path.rglob("last.ckpt"))
     assert len(last) == 1
-    # the checkpoint validates through the CLI as well
+    # the checkpoint validates and predicts through the CLI as well
     assert main(["validate", "--config", str(path), f"--ckpt_path={last[0]}", "--trainer.limit_val_batches=1",
                  "--trainer.enable_progress_bar=false", logs]) == 0
+    output = tmp_path / "predictions.npz"
+    assert main(["predict", "--config", str(path), f"--ckpt_path={last[0]}", "--trainer.limit_predict_batches=2",
+                 "--data.init_args.batch_size=2", "--trainer.enable_progress_bar=false", logs,
+                 f"--prediction_writer.path={output}"]) == 0
+    with np.load(output) as predictions:
+        assert predictions["energy"].shape == (4,) and predictions["sid"].shape == (4,)
+        if "s2ef" in path.stem:
+            assert predictions["forces"].shape == (predictions["natoms"].sum(), 3)
 
 
 @pytest.mark.parametrize("path", TEMPLATES, ids=ids(TEMPLATES))

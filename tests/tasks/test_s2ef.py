@@ -193,3 +193,28 @@ def test_model_rebuilds_from_its_spec_in_hparams():
     assert rebuilt.model.spec() == task.model.spec()
     assert task.hparams["model"]["class_path"] == "matsciml.models.egnn.EGNN"
 
+
+
+@pytest.mark.parametrize("name", ["egnn", "megnet", "gala"])
+def test_every_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search(name):
+    # lazily built or unused heads force DDP's find_unused_parameters=True (REFERENCE.md §3)
+    from helpers.physics import slab, small_bulk
+
+    from matsciml.models import Gala, MegNet
+
+    models = {
+        "egnn": lambda: tiny_egnn(),
+        "megnet": lambda: MegNet(num_blocks=1, dense_sizes=(16, 8), conv_sizes=(16, 8), num_gaussians=8,
+                                 set2set_layers=1, set2set_steps=2, output_sizes=(8,), dropout=0.0),
+        "gala": lambda: Gala(hidden=8, num_blocks=1),
+    }
+    model = models[name]()
+    representation = model.representation
+    batch = batch_from_atoms([slab(), small_bulk()], cutoff=6.0, representation=representation)
+    batch = batch.replace(energy=torch.tensor([1.0, 2.0]), forces=torch.randn(batch.num_atoms, 3))
+    task = S2EFTask(model).train()
+    loss, _ = task.step(batch)
+    loss.backward()
+    assert not any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in task.parameters())
+    missing = [n for n, p in task.named_parameters() if p.grad is None]
+    assert not missing
