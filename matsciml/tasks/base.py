@@ -170,8 +170,10 @@ class AtomisticTask(pl.LightningModule):
         for name, (value, weight) in metrics.items():
             if weight == 0:
                 continue
+            # the progress bar shows the training loss and the validation MAEs, not every metric
+            shown = name == "loss" if stage == "train" else name in ("energy_mae", "force_mae")
             self.log(f"{stage}/{name}", value.detach().float(), batch_size=weight, on_step=stage == "train",
-                     on_epoch=True, sync_dist=stage != "train", prog_bar=name in ("loss", "energy_mae", "force_mae"))
+                     on_epoch=True, sync_dist=stage != "train", prog_bar=shown)
 
     def energy_metrics(self, energy: torch.Tensor, target: torch.Tensor, batch: Batch) -> dict:
         error = (energy.detach() - target).abs()
