@@ -9,11 +9,27 @@ import torch
 from torch import nn
 
 
+class _ShiftedSoftplusFunction(torch.autograd.Function):
+    """``softplus(x) - log 2`` whose backward is ``grad * sigmoid(x)`` in plain, differentiable
+    ops: force training differentiates it twice, and autograd's own softplus double backward
+    goes through more element-wise kernels than this."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return nn.functional.softplus(x) - math.log(2.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
 class ShiftedSoftplus(nn.Module):
     """``softplus(x) - log 2``: smooth, and zero at zero (MEGNet's and SchNet's activation)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.softplus(x) - math.log(2.0)
+        return _ShiftedSoftplusFunction.apply(x)
 
 
 #: Activations by name. Smooth ones (all but relu) keep forces -dE/dx continuous.

@@ -48,7 +48,7 @@ class PhysicsBattery:
     """Shared tests; subclasses define ``make_model``. Cutoff of the test graphs: ``cutoff``."""
 
     cutoff = 5.0
-    #: finite-range models repeat exactly under a supercell; set False for global readouts
+    #: finite-range models repeat exactly under a supercell; set False for models without a cutoff
     finite_cutoff = True
     #: the batch the model reads; set it from the model (``representation = Model.representation``)
     representation = "graph"
@@ -122,7 +122,7 @@ class PhysicsBattery:
 
     def test_periodic_images_supercell_gives_n_times_the_energy(self, model):
         if not self.finite_cutoff:
-            pytest.skip("model has a global readout")
+            pytest.skip("no finite cutoff: the 2x2x1 supercell check applies to finite-range models only")
         atoms = small_bulk()
         energy, forces = energy_and_forces(model, self.batch([atoms]))
         supercell = atoms.repeat((2, 2, 1))
