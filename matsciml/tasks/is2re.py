@@ -9,8 +9,7 @@ import torch
 
 from matsciml.data import keys as K
 from matsciml.data.batch import Batch
-from matsciml.models.base import AbstractEnergyModel
-from matsciml.tasks.base import AtomisticTask, LossName
+from matsciml.tasks.base import AtomisticTask
 
 
 class IS2RETask(AtomisticTask):
@@ -19,26 +18,12 @@ class IS2RETask(AtomisticTask):
     Adsorption energies are differences of total energies and do not grow with the cell, so
     the normaliser shifts by the mean target per structure and scales by its std.
 
-    Args: see :class:`AtomisticTask`.
+    Arguments are those of :class:`AtomisticTask`.
     """
 
     task = "is2re"
     energy_key = K.RELAXED_ENERGY
     extensive = False
-
-    def __init__(
-        self,
-        model: AbstractEnergyModel,
-        lr: float = 1e-3,
-        gamma: float = 0.9,
-        statistics: dict | None = None,
-        species: list[int] | None = None,
-        element_references: dict[int, float] | None = None,
-        normalize: bool = True,
-        loss: LossName = "l1",
-    ):
-        super().__init__(model, lr=lr, gamma=gamma, statistics=statistics, species=species,
-                         element_references=element_references, normalize=normalize, loss=loss)
 
     def normalizer_settings(self, statistics: Mapping[str, Any]) -> tuple[float, float]:
         target = statistics[K.RELAXED_ENERGY]
@@ -52,7 +37,6 @@ class IS2RETask(AtomisticTask):
         loss = self.loss_fn(energy / scale, target / scale)
         metrics = self.energy_metrics(energy, target, batch)
         return loss, metrics
-
 
 
 #: The name used in the Open MatSci ML Toolkit paper.
