@@ -16,6 +16,8 @@ _PUBLIC = {
     "AtomisticDataModule": "matsciml.data.datamodules",
     "S2EFDataModule": "matsciml.data.datamodules",
     "IS2REDataModule": "matsciml.data.datamodules",
+    "S2EFDGLDataModule": "matsciml.data.datamodules",
+    "IS2REDGLDataModule": "matsciml.data.datamodules",
     "RadiusGraph": "matsciml.data.neighbors",
     "radius_graph": "matsciml.data.neighbors",
     "PointCloudSample": "matsciml.data.pointcloud",

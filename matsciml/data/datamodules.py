@@ -23,6 +23,12 @@ from matsciml.data.formats.card import DatasetStatistics
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.pointcloud import DEFAULT_NUM_SPECIES, PointCloudCollate, PointCloudSample
 from matsciml.data.progress import progress_bar
+from matsciml.data.samplers import (
+    AtomBalancedBatchSampler,
+    BatchSamplerLoader,
+    UnpaddedDistributedSampler,
+    distributed_context,
+)
 
 Representation = Literal["graph", "point_cloud"]
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -36,6 +42,8 @@ class AtomisticDataModule(pl.LightningDataModule):
         batch_size: structures per batch.
         num_workers: DataLoader worker processes (0 reads in the main process).
         representation: ``"graph"`` (radius graph) or ``"point_cloud"`` (padded clouds).
+        graph_backend: batch type of graph loaders: ``"native"`` (our ``Batch``), ``"dgl"``
+            (a batched ``dgl.DGLGraph``) or ``"pyg"`` (a ``torch_geometric`` ``Batch``); see docs/backends.md.
         cutoff: radius-graph cutoff in Å.
         max_neighbors: neighbours kept per atom, nearest first.
         num_subsurface: sub-surface atoms sampled into each point cloud.
@@ -46,6 +54,10 @@ class AtomisticDataModule(pl.LightningDataModule):
         pin_memory: pin batches for faster host-to-GPU copies (defaults to CUDA availability).
         statistics_sample: records read to estimate element set and target statistics of
             datasets without a metadata card (legacy OC20 files); matsciml files carry exact ones.
+        balanced: with more than one process (DDP), give every rank about the same number of atoms
+            per training step (:class:`~matsciml.data.samplers.AtomBalancedBatchSampler`, from the
+            metadata's atom counts); ``False``: plain shuffled distributed batches. Evaluation splits
+            are always shared without padding (every structure once). No effect in one process.
     """
 
     task: ClassVar[str]
@@ -69,6 +81,8 @@ class AtomisticDataModule(pl.LightningDataModule):
         seed: int = 0,
         pin_memory: bool | None = None,
         statistics_sample: int = 10_000,
+        balanced: bool = True,
+        graph_backend: Literal["native", "dgl", "pyg"] = "native",
     ):
         super().__init__()
         if batch_size < 1:
@@ -77,6 +91,12 @@ class AtomisticDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if representation not in ("graph", "point_cloud"):
             raise ValueError(f"representation must be 'graph' or 'point_cloud', got {representation!r}")
+        if graph_backend not in ("native", "dgl", "pyg"):
+            raise ValueError(f"graph_backend must be 'native', 'dgl' or 'pyg', got {graph_backend!r}")
+        if representation == "point_cloud" and graph_backend != "native":
+            raise ValueError(f"graph_backend={graph_backend!r} needs representation='graph'; "
+                             "point clouds are only batched natively")
+        self.graph_backend = graph_backend
         # plain strings: hyperparameters go into checkpoints, which load with weights_only=True
         train_path, val_path, test_path, predict_path = (
             None if p is None else os.fspath(p) for p in (train_path, val_path, test_path, predict_path))
@@ -96,6 +116,7 @@ class AtomisticDataModule(pl.LightningDataModule):
         self.seed = seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.statistics_sample = statistics_sample
+        self.balanced = balanced
         self.datasets: dict[str, LMDBDataset] = {}
         self._sampled_card: dict | None = None
         self.save_hyperparameters(ignore=["transforms"])
@@ -114,7 +135,13 @@ class AtomisticDataModule(pl.LightningDataModule):
         return [*self.extra_transforms, PointCloudSample(self.num_subsurface, self.seed)]
 
     def collate_fn(self):
-        return collate if self.representation == "graph" else PointCloudCollate(self.num_species)
+        if self.representation != "graph":
+            return PointCloudCollate(self.num_species)
+        if self.graph_backend == "native":
+            return collate
+        from matsciml.data.backends import collate_function  # DGL / PyG load only when asked for
+
+        return collate_function(self.graph_backend)
 
     def setup(self, stage: str | None = None) -> None:
         splits = _STAGE_SPLITS.get(stage, tuple(self.paths)) if stage else tuple(self.paths)
@@ -129,12 +156,27 @@ class AtomisticDataModule(pl.LightningDataModule):
             if self.paths[split] is None:
                 raise ValueError(f"{type(self).__name__} has no {split}_path; set it to use the {split} split")
             self.setup({"train": "fit", "val": "validate"}.get(split, split))
+        if (context := distributed_context(self.trainer)) is not None:
+            return self._distributed_loader(split, shuffle, *context)
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
             num_workers=self.num_workers, collate_fn=self.collate_fn(), pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _distributed_loader(self, split: str, shuffle: bool, world: int, rank: int) -> DataLoader:
+        """Loaders Lightning keeps as they are (their samplers are ``DistributedSampler`` subclasses)."""
+        dataset = self.datasets[split]
+        common = dict(num_workers=self.num_workers, collate_fn=self.collate_fn(), pin_memory=self.pin_memory,
+                      persistent_workers=self.num_workers > 0)
+        if split == "train":
+            natoms = dataset.natoms() if self.balanced else None
+            sampler = AtomBalancedBatchSampler(dataset, self.batch_size, world, rank, natoms=natoms,
+                                               shuffle=shuffle, seed=self.seed)
+            return BatchSamplerLoader(dataset, batch_sampler=sampler, **common)
+        sampler = UnpaddedDistributedSampler(dataset, world, rank)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=self.shuffle)
@@ -206,3 +248,16 @@ class IS2REDataModule(AtomisticDataModule):
     task = "is2re"
     dataset_class = IS2REDataset
 
+
+class S2EFDGLDataModule(S2EFDataModule):
+    """:class:`S2EFDataModule` yielding batched ``dgl.DGLGraph`` (``graph_backend="dgl"``), the paper's name."""
+
+    def __init__(self, *args, graph_backend: Literal["native", "dgl", "pyg"] = "dgl", **kwargs):
+        super().__init__(*args, graph_backend=graph_backend, **kwargs)
+
+
+class IS2REDGLDataModule(IS2REDataModule):
+    """:class:`IS2REDataModule` yielding batched ``dgl.DGLGraph`` (``graph_backend="dgl"``), the paper's name."""
+
+    def __init__(self, *args, graph_backend: Literal["native", "dgl", "pyg"] = "dgl", **kwargs):
+        super().__init__(*args, graph_backend=graph_backend, **kwargs)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
 
 Representation = Literal["graph", "point_cloud"]
@@ -90,7 +91,8 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
         """Energies in eV: ``(num_structures,)``, or ``(num_atoms,)`` when ``per_atom``."""
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Per-structure energies in eV, shape ``(num_structures,)``."""
+        """Per-structure energies in eV, shape ``(num_structures,)`` (``batch``: ours, DGL or PyG)."""
+        batch = as_batch(batch)
         if self.representation == "graph" and batch.edge_index is None:
             raise ValueError(f"{type(self).__name__} needs a graph batch (representation='graph' in the data)")
         if self.representation == "point_cloud" and batch.point_index is None:

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.normalizers import EnergyNormalizer
@@ -127,7 +128,7 @@ class AtomisticTask(pl.LightningModule):
         return self.normalizer.denormalize(self.model(batch), batch)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"energy": self.energy(batch)}
+        return {"energy": self.energy(as_batch(batch))}
 
     def loss_fn(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _LOSSES[self.loss_name](prediction, target)
@@ -148,6 +149,7 @@ class AtomisticTask(pl.LightningModule):
         raise NotImplementedError
 
     def _run(self, batch: Batch, stage: str) -> torch.Tensor:
+        batch = as_batch(batch)  # DGL / PyG batches (graph_backend) become ours once, here
         loss, metrics = self.step(batch)
         metrics["loss"] = (loss, batch.num_structures)
         if stage == "train":  # baselines are data properties: report them where models are judged
@@ -172,8 +174,10 @@ class AtomisticTask(pl.LightningModule):
                 continue
             # the progress bar shows the training loss and the validation MAEs, not every metric
             shown = name == "loss" if stage == "train" else name in ("energy_mae", "force_mae")
-            self.log(f"{stage}/{name}", value.detach().float(), batch_size=weight, on_step=stage == "train",
-                     on_epoch=True, sync_dist=stage != "train", prog_bar=shown)
+            # a float weight: Lightning keeps an integer count truncated by world size in sync_dist,
+            # which inflates weighted means when ranks hold uneven shares (unpadded validation)
+            self.log(f"{stage}/{name}", value.detach().float(), batch_size=float(weight),
+                     on_step=stage == "train", on_epoch=True, sync_dist=stage != "train", prog_bar=shown)
 
     def energy_metrics(self, energy: torch.Tensor, target: torch.Tensor, batch: Batch) -> dict:
         error = (energy.detach() - target).abs()
@@ -186,6 +190,7 @@ class AtomisticTask(pl.LightningModule):
         }
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        batch = as_batch(batch)
         out = self.forward(batch)
         result: dict[str, Any] = {"energy": out["energy"].detach()}
         if "forces" in out:

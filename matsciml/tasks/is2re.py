@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from matsciml.data import keys as K
+from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
 from matsciml.tasks.base import AtomisticTask
 
@@ -31,6 +32,7 @@ class IS2RETask(AtomisticTask):
         return float(target["mean"]), scale if scale > 0 else 1.0
 
     def step(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        batch = as_batch(batch)
         energy = self.energy(batch)
         target = batch.relaxed_energy.to(energy.dtype)
         scale = self.energy_scale.to(energy.dtype)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from matsciml.data import keys as K
+from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.base import AtomisticTask, LossName
@@ -93,6 +94,7 @@ class S2EFTask(AtomisticTask):
     # -- prediction --------------------------------------------------------------------
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Energies ``(B,)`` in eV, and forces ``(N, 3)`` in eV/Å / stress ``(B, 3, 3)`` in eV/Å^3."""
+        batch = as_batch(batch)
         if not (self.regress_forces or self.regress_stress):
             return {"energy": self.energy(batch)}
         keep_graph = self.training and torch.is_grad_enabled()
@@ -121,6 +123,7 @@ class S2EFTask(AtomisticTask):
 
     # -- steps -------------------------------------------------------------------------
     def step(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        batch = as_batch(batch)
         out = self.forward(batch)
         dtype = out["energy"].dtype
         scale = self.energy_scale.to(dtype)
