@@ -97,7 +97,9 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
             raise ValueError(f"{type(self).__name__} needs a graph batch (representation='graph' in the data)")
         if self.representation == "point_cloud" and batch.point_index is None:
             raise ValueError(f"{type(self).__name__} needs point clouds (representation='point_cloud' in the data)")
-        energy = self.energy(batch)
+        # energies in the positions' dtype: under autocast a model may compute in bf16, but sums
+        # of per-atom energies (hundreds of eV) need float32's digits
+        energy = self.energy(batch).to(batch.positions.dtype)
         if self.per_atom:
             return self.sum_per_structure(energy, batch)
         if energy.shape != (batch.num_structures,):

@@ -47,7 +47,7 @@ class EGNNLayer(nn.Module):
         """``radial``: edge features ``(E, num_edge_features)``; ``envelope``: ``(E,)``."""
         j, i = edge_index
         messages = self.edge_mlp(torch.cat([h[i], h[j], radial], dim=-1)) * envelope.unsqueeze(-1)
-        aggregated = h.new_zeros((h.shape[0], messages.shape[-1])).index_add(0, i, messages)
+        aggregated = messages.new_zeros((h.shape[0], messages.shape[-1])).index_add(0, i, messages)
         return h + self.node_mlp(torch.cat([h, aggregated], dim=-1))
 
 

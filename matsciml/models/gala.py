@@ -372,6 +372,12 @@ class Gala(AbstractEnergyModel):
         return 2 * self.num_species
 
     def energy(self, batch: Batch) -> torch.Tensor:
+        # geometric-algebra-attention 0.5 contracts tensors with tensordot, which refuses the mixed
+        # dtypes autocast produces: under mixed precision Gala runs in full precision
+        with torch.autocast(device_type=batch.positions.device.type, enabled=False):
+            return self._energy(batch)
+
+    def _energy(self, batch: Batch) -> torch.Tensor:
         real = batch.point_mask  # (B, M)
         points = batch.positions[batch.point_index]  # (B, M, 3); padding slots gather atom 0
         features = batch.point_features.to(points.dtype)  # (B, M, S)

@@ -93,7 +93,7 @@ def segment_softmax(logits: torch.Tensor, index: torch.Tensor, num_segments: int
     numerator = torch.exp(logits - shift[index])
     if weights is not None:
         numerator = numerator * weights
-    denominator = logits.new_zeros(num_segments).index_add(0, index, numerator)
+    denominator = numerator.new_zeros(num_segments).index_add(0, index, numerator)
     denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     return numerator / denominator[index]
 
@@ -131,7 +131,8 @@ class Set2Set(nn.Module):
                 query, state = self.lstm(q_star.unsqueeze(0), state)
             query = query.squeeze(0)
             attention = segment_softmax((x * query[index]).sum(-1), index, num_segments, weights)
-            readout = x.new_zeros(num_segments, self.width).index_add(0, index, attention.unsqueeze(-1) * x)
+            weighted = attention.unsqueeze(-1) * x
+            readout = weighted.new_zeros(num_segments, self.width).index_add(0, index, weighted)
             q_star = torch.cat([query, readout], dim=-1)
         return q_star
 
@@ -161,9 +162,10 @@ class MegNetBlock(nn.Module):
         w = graph.weights.unsqueeze(-1)
         e_new = self.phi_e[1:](self._phi_e_first_layer(v_d, e_d, u_d, graph))
         # per-centre mean of the incoming edges, weighted by the envelope (module docstring)
-        to_centre = e_new.new_zeros(v.shape[0], e_new.shape[-1]).index_add(0, i, w * e_new)
+        w_e = w * e_new  # zeros in the sum's dtype: under autocast e_new is bf16, w float32
+        to_centre = w_e.new_zeros(v.shape[0], e_new.shape[-1]).index_add(0, i, w_e)
         v_new = self.phi_v(torch.cat([v_d, to_centre / graph.centre_norm, u_d[graph.structure_index]], dim=-1))
-        edge_mean = e_new.new_zeros(u.shape[0], e_new.shape[-1]).index_add(0, graph.edge_structure, w * e_new)
+        edge_mean = w_e.new_zeros(u.shape[0], e_new.shape[-1]).index_add(0, graph.edge_structure, w_e)
         node_mean = v_new.new_zeros(u.shape[0], v_new.shape[-1]).index_add(0, graph.structure_index, v_new)
         u_new = self.phi_u(torch.cat([edge_mean / graph.edge_norm, node_mean / graph.node_norm, u_d], dim=-1))
         e_new, v_new, u_new = self.dropout(e_new), self.dropout(v_new), self.dropout(u_new)

@@ -4,7 +4,8 @@ Forces are ``-dE/dpositions`` from one ``torch.autograd.grad`` call on the predi
 energy; in training the graph is kept (``create_graph=True``) so the force loss reaches
 the weights through a single ``backward`` that Lightning makes. Validation, test and
 predict run under Lightning's ``inference_mode``, where autograd is off and batch tensors
-are inference tensors; :func:`autograd_batch` re-enables it locally on fresh copies.
+are inference tensors; :func:`autograd_batch` re-enables it locally on fresh copies. Under
+mixed precision the energy-and-force pass runs with autocast off, in float32.
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ class S2EFTask(AtomisticTask):
         if not (self.regress_forces or self.regress_stress):
             return {"energy": self.energy(batch)}
         keep_graph = self.training and torch.is_grad_enabled()
-        with autograd_enabled():
+        # Forces are derivatives of the energy: under mixed precision (bf16-mixed, 16-mixed) the
+        # energy-and-force pass still runs in float32, or forces would carry bf16's 3 digits.
+        full_precision = torch.autocast(device_type=batch.positions.device.type, enabled=False)
+        with autograd_enabled(), full_precision:
             batch = autograd_batch(batch)
             positions = batch.positions.detach().requires_grad_(True)
             inputs, cell = [positions], batch.cell

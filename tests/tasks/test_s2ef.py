@@ -218,3 +218,23 @@ def test_every_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search
     assert not any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in task.parameters())
     missing = [n for n, p in task.named_parameters() if p.grad is None]
     assert not missing
+
+
+def test_forces_stay_float32_under_bf16_autocast(task, datamodule):
+    batch = first_batch(datamodule)
+    task.eval()
+    reference = task(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = task(batch)
+    assert mixed["forces"].dtype == torch.float32 and mixed["energy"].dtype == torch.float32
+    assert torch.allclose(mixed["forces"], reference["forces"], atol=1e-6)
+    assert torch.allclose(mixed["energy"], reference["energy"], atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32"])
+def test_trains_on_cpu_at_each_precision(datamodule, precision):
+    task = S2EFTask(tiny_egnn(), statistics=datamodule.target_statistics)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, precision=precision)
+    trainer.fit(task, datamodule=datamodule)
+    metrics = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+    assert np.isfinite(metrics["val/force_mae"]) and metrics["val/force_mae"] > 0
