@@ -9,7 +9,8 @@ from ase.build import bulk
 from helpers.physics import PhysicsBattery, energy_and_forces, molecule_like, slab, small_bulk
 
 from matsciml.data.structures import batch_from_atoms
-from matsciml.models.gala import Gala, MaskedMomentumLayerNormalization, MaskedMomentumNormalization
+from matsciml.models.gala import Gala
+from matsciml.models.gala_layers import MaskedMomentumLayerNormalization, MaskedMomentumNormalization
 
 
 def clouds(structures, dtype=torch.float64):
