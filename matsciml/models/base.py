@@ -23,6 +23,13 @@ from matsciml.data.batch import Batch
 Representation = Literal["graph", "point_cloud"]
 
 
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)  # torch.compiler.is_compiling: torch >= 2.3
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()
+
+
 class AbstractEnergyModel(torch.nn.Module, abc.ABC):
     """Base class of every energy model.
 
@@ -108,6 +115,15 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
         return energy
 
     # -- helpers for subclasses ----------------------------------------------------------
+    def check_species(self, numbers: torch.Tensor) -> None:
+        """Refuse atomic numbers above ``self.num_species`` (an embedding would index past its end).
+
+        Skipped while ``torch.compile`` traces: reading the maximum back to Python would split
+        the compiled graph in two.
+        """
+        if not _is_compiling() and int(numbers.max()) > self.num_species:
+            raise ValueError(f"atomic number {int(numbers.max())} exceeds num_species={self.num_species}")
+
     @staticmethod
     def edge_vectors(batch: Batch) -> torch.Tensor:
         """Vectors from each centre ``i`` to its neighbour ``j``, periodic images included.

@@ -103,8 +103,7 @@ class EGNN(AbstractEnergyModel):
 
     def energy(self, batch: Batch) -> torch.Tensor:
         numbers = batch.atomic_numbers
-        if int(numbers.max()) > self.num_species:
-            raise ValueError(f"atomic number {int(numbers.max())} exceeds num_species={self.num_species}")
+        self.check_species(numbers)
         vectors = self.edge_vectors(batch)
         distances = vectors.norm(dim=-1)
         gaussians = torch.exp(-0.5 * ((distances.unsqueeze(-1) - self.radial_centres) / self.radial_width) ** 2)

@@ -294,8 +294,7 @@ class MegNet(AbstractEnergyModel):
 
     def energy(self, batch: Batch) -> torch.Tensor:
         numbers = batch.atomic_numbers
-        if int(numbers.max()) > self.num_species:
-            raise ValueError(f"atomic number {int(numbers.max())} exceeds num_species={self.num_species}")
+        self.check_species(numbers)
         distances = self.edge_vectors(batch).norm(dim=-1)
         envelope = self.cosine_cutoff(distances, self.cutoff)
         centres = self.centres.to(distances.dtype)

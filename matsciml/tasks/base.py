@@ -23,6 +23,16 @@ LossName = Literal["l1", "mse"]
 _LOSSES = {"l1": torch.nn.functional.l1_loss, "mse": torch.nn.functional.mse_loss}
 
 
+def _compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return {"dynamic": True}
+    if isinstance(compile, Mapping):
+        return {"dynamic": True, **compile}
+    raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
+
+
 class AtomisticTask(pl.LightningModule):
     """Base of :class:`~matsciml.tasks.S2EFTask` and :class:`~matsciml.tasks.IS2RETask`.
 
@@ -37,9 +47,15 @@ class AtomisticTask(pl.LightningModule):
         element_references: reference energy in eV per atomic number, added to predictions.
         normalize: learn in normalised units (shift and scale from ``statistics``).
         loss: ``"l1"`` (default, as in the paper) or ``"mse"``.
+        compile: run the energy model through ``torch.compile``: ``True`` (with ``dynamic=True``,
+            as graph sizes change every batch) or a dict of ``torch.compile`` keyword arguments
+            (``backend``, ``mode``, ...). ``torch.compile`` refuses double backward, so passes that
+            train on forces (S2EF training) stay eager; everything else runs compiled.
     """
 
     task: ClassVar[str]
+    #: whether training differentiates the energy twice (a force loss)
+    trains_forces: bool = False
     #: record field of the energy target
     energy_key: ClassVar[str]
     #: whether the energy target scales with the number of atoms (shift per atom)
@@ -55,6 +71,7 @@ class AtomisticTask(pl.LightningModule):
         element_references: dict[int, float] | None = None,
         normalize: bool = True,
         loss: LossName = "l1",
+        compile: bool | dict[str, Any] = False,
     ):
         super().__init__()
         if isinstance(model, Mapping):
@@ -69,6 +86,7 @@ class AtomisticTask(pl.LightningModule):
             raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
         self.model = model
         self.lr, self.gamma, self.normalize, self.loss_name = lr, gamma, normalize, loss
+        self.compile_options = _compile_options(compile)
         self.species = None if species is None else sorted(int(z) for z in species)
         self._check_species()
         self.normalizer = EnergyNormalizer(per_atom=self.extensive, element_references=element_references)
@@ -110,6 +128,9 @@ class AtomisticTask(pl.LightningModule):
                 and data_cutoff < model_cutoff:
             raise ValueError(f"the data's radius graph (cutoff {data_cutoff} Å) is shorter than the model's "
                              f"cutoff {model_cutoff} Å; neighbours in between would be missing")
+        if stage == "fit" and self.compile_options is not None and self.trains_forces:
+            rank_zero_info("matsciml: torch.compile does not support double backward: training steps run "
+                           "the eager model (forces in the loss), validation/test/predict the compiled one")
         if stage == "fit" and not bool(self.fitted):
             statistics = getattr(datamodule, "target_statistics", None)
             if statistics:
@@ -123,9 +144,31 @@ class AtomisticTask(pl.LightningModule):
                              f"{type(self.model).__name__} embeds only 1..{limit} (num_species)")
 
     # -- prediction --------------------------------------------------------------------
-    def energy(self, batch: Batch) -> torch.Tensor:
-        """Energies in eV, ``(num_structures,)``."""
-        return self.normalizer.denormalize(self.model(batch), batch)
+    def energy(self, batch: Batch, create_graph: bool = False) -> torch.Tensor:
+        """Energies in eV, ``(num_structures,)``.
+
+        ``create_graph``: the caller will differentiate twice (forces in the loss), which
+        compiled models cannot; the eager model runs then.
+        """
+        model = self.model if create_graph else self.compiled_model()
+        return self.normalizer.denormalize(model(batch), batch)
+
+    def compiled_model(self) -> torch.nn.Module:
+        """The energy model, compiled on first use when ``compile`` is set."""
+        if self.compile_options is None:
+            return self.model
+        # kept out of the module tree: the compiled wrapper shares the model's parameters,
+        # and registering it would duplicate them in state_dict and optimiser
+        compiled = self.__dict__.get("_compiled_model")
+        if compiled is None or compiled._orig_mod is not self.model:
+            compiled = torch.compile(self.model, **self.compile_options)
+            self.__dict__["_compiled_model"] = compiled
+        return compiled
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_compiled_model", None)  # rebuilt on first use
+        return state
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {"energy": self.energy(as_batch(batch))}

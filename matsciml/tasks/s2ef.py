@@ -46,7 +46,7 @@ class S2EFTask(AtomisticTask):
         regress_stress: predict stress ``(1/V) dE/dstrain`` and train on it (records need ``stress``).
         lr, gamma: Adam learning rate and ExponentialLR decay per epoch.
         energy_coefficient, force_coefficient, stress_coefficient: loss weights.
-        statistics, species, element_references, normalize, loss: see :class:`AtomisticTask`.
+        statistics, species, element_references, normalize, loss, compile: see :class:`AtomisticTask`.
 
     The energy normaliser shifts by the mean energy per atom and scales by the std of the
     force components (so normalised forces have unit variance), or by the energy std when
@@ -73,13 +73,14 @@ class S2EFTask(AtomisticTask):
         element_references: dict[int, float] | None = None,
         normalize: bool = True,
         loss: LossName = "l1",
+        compile: bool | dict[str, Any] = False,
     ):
         if min(energy_coefficient, force_coefficient, stress_coefficient) < 0:
             raise ValueError("loss coefficients must be >= 0")
         self.regress_forces = regress_forces
         self.regress_stress = regress_stress
         super().__init__(model, lr=lr, gamma=gamma, statistics=statistics, species=species,
-                         element_references=element_references, normalize=normalize, loss=loss)
+                         element_references=element_references, normalize=normalize, loss=loss, compile=compile)
         self.energy_coefficient = energy_coefficient
         self.force_coefficient = force_coefficient
         self.stress_coefficient = stress_coefficient
@@ -91,6 +92,10 @@ class S2EFTask(AtomisticTask):
         else:
             scale = float(statistics[K.ENERGY]["std"])
         return shift, scale if scale > 0 else 1.0
+
+    @property
+    def trains_forces(self) -> bool:
+        return self.regress_forces or self.regress_stress
 
     # -- prediction --------------------------------------------------------------------
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -115,7 +120,7 @@ class S2EFTask(AtomisticTask):
                 inputs.append(strain)
             else:
                 positions_in = positions
-            energy = self.energy(batch.replace(positions=positions_in, cell=cell))
+            energy = self.energy(batch.replace(positions=positions_in, cell=cell), create_graph=keep_graph)
             gradients = torch.autograd.grad(energy.sum(), inputs, create_graph=keep_graph)
         out = {"energy": energy if keep_graph else energy.detach()}
         if self.regress_forces:

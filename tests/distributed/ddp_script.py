@@ -1,11 +1,12 @@
 """Runs a tiny EGNN DDP fit on the S2EF devset; driven by tests/distributed/test_ddp.py.
 
-Usage: python ddp_script.py OUT_DIR [--devices N] [--num-nodes N] [--fail-rank R]
+Usage: python ddp_script.py OUT_DIR [--devices N] [--num-nodes N] [--fail-rank R] [--compile BACKEND --energy-only]
 
 Every rank writes ``OUT_DIR/rank{global_rank}.json`` with a hash of its final weights, the validation
 metrics Lightning logged, and the structures each of its loaders visited; rank 0 saves
 ``OUT_DIR/model.ckpt``, then every rank predicts its share of the predict split.
-``--fail-rank R`` makes rank R raise in its second training step.
+``--fail-rank R`` makes rank R raise in its second training step. ``--compile BACKEND`` runs the model
+through ``torch.compile`` (``--energy-only``: no force loss, so training steps run compiled too).
 """
 
 from __future__ import annotations
@@ -64,12 +65,16 @@ def main() -> None:
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--train-batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--compile", default=None, help="torch.compile backend")
+    parser.add_argument("--energy-only", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     datamodule = S2EFDataModule.from_devset(batch_size=args.batch_size)
     datamodule.setup("fit")
-    task = RecordingTask(tiny_egnn(), statistics=datamodule.target_statistics, fail_rank=args.fail_rank)
+    task = RecordingTask(tiny_egnn(), statistics=datamodule.target_statistics, fail_rank=args.fail_rank,
+                         regress_forces=not args.energy_only,
+                         compile={"backend": args.compile} if args.compile else False)
     trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=args.devices, num_nodes=args.num_nodes,
                          max_epochs=1, limit_train_batches=args.train_batches, num_sanity_val_steps=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -85,7 +90,7 @@ def main() -> None:
         "rank": trainer.global_rank, "world_size": trainer.world_size, "hash": weights_hash(task),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
         "seen": {**task.seen, "predict": predicted}, "predict_size": len(datamodule.datasets["predict"]),
-        "train_atoms": task.train_atoms, **loaders,
+        "train_atoms": task.train_atoms, "compiled": "_compiled_model" in task.__dict__, **loaders,
     }
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 

@@ -103,6 +103,15 @@ def test_ddp_matches_single_process_evaluation(tmp_path):
         assert value == pytest.approx(reference[name], rel=1e-5, abs=1e-7), name
 
 
+def test_ddp_trains_a_compiled_model(tmp_path):
+    # energy-only: with a force loss, training steps run eagerly (torch.compile has no double backward)
+    cmd = [sys.executable, str(SCRIPT), str(tmp_path), "--compile", "aot_eager", "--energy-only"]
+    (proc,) = run_all([(cmd, base_env())])
+    assert proc.returncode == 0, proc.output[-3000:]
+    ranks = check_ranks(tmp_path)
+    assert all(r["compiled"] for r in ranks)
+
+
 def slurm_env(rank: int, port: str) -> dict[str, str]:
     return base_env(MASTER_PORT=port, SLURM_JOB_ID="4242", SLURM_JOB_NAME="matsciml-test", SLURM_NTASKS="2",
                     SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_PROCID=str(rank), SLURM_LOCALID="0",
