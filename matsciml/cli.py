@@ -157,9 +157,14 @@ TRAINING_HELP = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TRAINING_HELP:
+        from matsciml.accelerators import AcceleratorUnavailable
         from matsciml.training_cli import run
 
-        run(argv)
+        try:
+            run(argv)
+        except AcceleratorUnavailable as err:  # a setting to change, not a bug: no traceback
+            print(f"matsciml: error: {err}", file=sys.stderr)
+            return 2
         return 0
     from matsciml.data.errors import DataError
 
