@@ -10,6 +10,10 @@ YAML. What the data knows is linked into the task instead of being repeated in c
 
 ``predict`` writes ``predictions.npz`` (sid, fid, energy, natoms, forces) to the run folder, or
 to ``--prediction_writer.path``.
+
+Before the Trainer is built, an accelerator the machine lacks fails with what is missing
+(:mod:`matsciml.accelerators`), and a ``fit`` inside a SLURM job is pinned to the job
+(:mod:`matsciml.slurm`) so a requeued job resumes and logs where it started.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from matsciml.accelerators import check_accelerator
 from matsciml.data.datamodules import AtomisticDataModule
+from matsciml.slurm import job_identity, pin_run_to_job
 from matsciml.tasks.base import AtomisticTask
 from matsciml.tasks.predictions import PredictionWriter
 from matsciml.tasks.report import MetricsReport
@@ -48,11 +54,21 @@ class MatSciMLCLI(LightningCLI):
         parser.add_lightning_class_args(MetricsReport, "metrics_report")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_accelerator(config.trainer.accelerator)
+        job = job_identity()
+        if self.subcommand == "fit" and job is not None:
+            pin_run_to_job(config.trainer, job)
+            # a requeued job starts with the same config, in the folder it has already saved it to
+            self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
+
 
 def run(argv: list[str]) -> None:
     """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/devset/s2ef-egnn.yaml"]``."""
     trainer_defaults: dict[str, Any] = {
-        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        # Lightning's CSVLogger, appending to metrics.csv when a run continues in its folder
+        "logger": {"class_path": "matsciml.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
         # checkpoints/last.ckpt always names the newest checkpoint of a run
         "callbacks": [ModelCheckpoint(save_last=True)],
     }

@@ -1,0 +1,34 @@
+"""The default CSV logger, made resumable: a run continued in its own folder keeps its history.
+
+Lightning's ``CSVLogger`` deletes ``metrics.csv`` when its folder already exists, which loses the
+first part of a run resumed under the same version (a SLURM job requeued after preemption, see
+:mod:`matsciml.slurm`). This one appends to the file instead, keeping its columns.
+"""
+
+from __future__ import annotations
+
+import csv
+
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+class AppendingExperimentWriter(ExperimentWriter):
+    """Writes ``metrics.csv`` after the rows already there (new columns rewrite the header)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                header = next(csv.reader(file), [])
+            self.metrics_keys = sorted(header)
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSV logger (same arguments), appending to an existing run's ``metrics.csv``."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment

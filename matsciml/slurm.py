@@ -1,0 +1,55 @@
+"""One SLURM job, one run: a requeued job logs and resumes in the folder it started in.
+
+Under SLURM, Lightning's ``SLURMEnvironment`` (``auto_requeue=True``) catches the warning signal
+(``#SBATCH --signal=SIGUSR1@90``), saves ``hpc_ckpt_<n>.ckpt`` in ``trainer.default_root_dir``,
+runs ``scontrol requeue`` and, when the job starts again, resumes from the newest such file there.
+Left at its defaults that folder is the working directory, shared by every job started from it,
+and each start gets a new logger version. :func:`pin_run_to_job` names the run after the job
+instead (version ``slurm-<job id>``, ``<array job>_<task>`` for array jobs) and points
+``default_root_dir`` at that run's folder, so a requeued job resumes its own checkpoint and keeps
+logging into the same ``metrics.csv`` (:class:`matsciml.loggers.CSVLogger` appends).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+#: loggers whose folder is ``save_dir/name/version``, and their default ``name``
+_VERSIONED_LOGGERS = {
+    "CSVLogger": "lightning_logs",
+    "TensorBoardLogger": "lightning_logs",
+}
+
+
+def job_identity() -> str | None:
+    """``<job id>`` (``<array job id>_<task id>`` in an array), or ``None`` outside a SLURM job."""
+    if not SLURMEnvironment.detect() or "SLURM_JOB_ID" not in os.environ:
+        return None
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
+
+
+def pin_run_to_job(trainer: Any, job: str) -> None:
+    """Set the logger version and ``default_root_dir`` of a parsed trainer config for SLURM job ``job``.
+
+    Only what the user left unset changes; loggers other than CSV and TensorBoard are left alone.
+    """
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    run_dirs = []
+    for logger in loggers:
+        class_path = getattr(logger, "class_path", None)
+        if class_path is None or class_path.rpartition(".")[2] not in _VERSIONED_LOGGERS:
+            continue
+        args = logger.init_args
+        if args.get("version") is None:
+            args.version = f"slurm-{job}"
+        name = args.get("name", _VERSIONED_LOGGERS[class_path.rpartition(".")[2]]) or ""
+        run_dirs.append(Path(args.get("save_dir", ".")) / name / str(args.version))
+    if run_dirs and trainer.get("default_root_dir") is None:
+        trainer.default_root_dir = str(run_dirs[0])
