@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's index configuration on some machines names folders that do not exist; its warnings are noise.
 PIP := $(BIN)/pip install -q --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test test-dgl lint venv clean-venv
+.PHONY: demo test test-dgl test-pyg lint venv clean-venv
 
 venv: $(STAMP)
 
@@ -55,6 +55,24 @@ $(STAMP_DGL): pyproject.toml .ci/constraints-dgl.txt
 
 test-dgl: $(STAMP_DGL)
 	$(BIN_DGL)/python -m pytest -n 2 -p no:cacheprovider -m requires_dgl tests
+
+# PyG batches (graph_backend="pyg") are tested in their own environment (.venv-pyg): the main one
+# must not have torch_geometric, so that reading OC20 files without it stays tested there.
+VENV_PYG ?= .venv-pyg
+BIN_PYG := $(VENV_PYG)/bin
+STAMP_PYG := $(VENV_PYG)/.installed
+PIP_PYG := $(BIN_PYG)/pip install -q --disable-pip-version-check -c constraints.txt
+
+$(STAMP_PYG): pyproject.toml constraints.txt
+	rm -rf $(VENV_PYG)
+	$(PYTHON) -m venv $(VENV_PYG)
+	$(PIP_PYG) torch==2.13.0 $(NOISE)
+	$(PIP_PYG) -e '.[test,pyg]' $(NOISE)
+	$(BIN_PYG)/python -m compileall -q -j 0 $(VENV_PYG)/lib > /dev/null || true
+	touch $(STAMP_PYG)
+
+test-pyg: $(STAMP_PYG)
+	$(BIN_PYG)/python -m pytest -n 2 -p no:cacheprovider -m requires_pyg tests
 
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff
