@@ -158,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TRAINING_HELP:
         from matsciml.accelerators import AcceleratorUnavailable
+        from matsciml.provenance import DirtyCheckoutError
         from matsciml.training_cli import run
 
         try:
             run(argv)
-        except AcceleratorUnavailable as err:  # a setting to change, not a bug: no traceback
+        except (AcceleratorUnavailable, DirtyCheckoutError) as err:  # a setting to change, not a bug: no traceback
             print(f"matsciml: error: {err}", file=sys.stderr)
             return 2
         return 0

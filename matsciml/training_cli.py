@@ -21,14 +21,19 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from matsciml.accelerators import check_accelerator
 from matsciml.data.datamodules import AtomisticDataModule
+from matsciml.provenance import require_clean_checkout
 from matsciml.slurm import job_identity, pin_run_to_job
+from matsciml.step_recorder import StepRecorder
 from matsciml.tasks.base import AtomisticTask
 from matsciml.tasks.predictions import PredictionWriter
 from matsciml.tasks.report import MetricsReport
@@ -53,15 +58,28 @@ class MatSciMLCLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.statistics", compute_fn=_statistics, apply_on="instantiate")
         parser.add_lightning_class_args(MetricsReport, "metrics_report")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        parser.add_argument("--require_clean", type=bool, default=False,
+                            help="refuse to start from a git checkout with uncommitted changes")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("require_clean"):
+            require_clean_checkout()
         check_accelerator(config.trainer.accelerator)
         job = job_identity()
         if self.subcommand == "fit" and job is not None:
             pin_run_to_job(config.trainer, job)
             # a requeued job starts with the same config, in the folder it has already saved it to
             self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
+        if self.subcommand is not None:
+            resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+            self.recorder = StepRecorder(self.subcommand, config=resolved, command=["matsciml", *sys.argv[1:]],
+                                         run_id=f"slurm-{job}" if job is not None else None)
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.subcommand is not None:
+            self.trainer.callbacks.append(self.recorder)
 
 
 def run(argv: list[str]) -> None:
@@ -79,7 +97,10 @@ def run(argv: list[str]) -> None:
     # Lightning 2.6 with torch >= 2.10: a FutureWarning from inside Lightning's loader code.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
     saved = sys.argv
-    sys.argv = ["matsciml", *argv]
+    # argv[0] stays the program that runs: Lightning's DDP launcher starts the other ranks by
+    # running `python sys.argv[0] sys.argv[1:]` again (a bare "matsciml" would resolve to a folder)
+    program = saved[0] if saved and Path(saved[0]).is_file() else "matsciml"
+    sys.argv = [program, *argv]
     try:
         MatSciMLCLI(
             AtomisticTask, AtomisticDataModule, subclass_mode_model=True, subclass_mode_data=True,

@@ -37,6 +37,7 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, path: str | None = None):
         super().__init__(write_interval="epoch")
         self.path = path
+        self.written_path: Path | None = None  # this process's file, once written (for step records)
 
     def _target(self, trainer: pl.Trainer) -> Path:
         path = Path(self.path) if self.path else Path(trainer.log_dir or ".") / "predictions.npz"
@@ -54,4 +55,5 @@ class PredictionWriter(BasePredictionWriter):
         with open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
         os.replace(temporary, path)
+        self.written_path = path
         print(f"matsciml: wrote {len(arrays.get('energy', []))} predictions to {path}")

@@ -40,7 +40,7 @@ def slurm_job_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_requeued_job_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
-    signal_at = {"class_path": "helpers.requeue.SignalAtStep",
+    signal_at = {"class_path": "helpers.interrupts.SignalAtStep",
                  "init_args": {"step": 6, "marker": str(tmp_path / "signalled")}}
     cmd = [str(Path(sys.executable).with_name("matsciml")), "fit", "--config", "configs/devset/is2re-egnn.yaml",
            f"--trainer.max_epochs={EPOCHS}", f"--trainer.limit_train_batches={BATCHES}",

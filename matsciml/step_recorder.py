@@ -1,0 +1,135 @@
+"""The step record of a Lightning run (``fit``, ``validate``, ``test``, ``predict``), as a callback.
+
+:class:`StepRecorder` opens a :class:`~matsciml.provenance.StepRecord` in the run directory
+(``trainer.log_dir``) when the run starts, on global rank 0 only (one record per step under DDP,
+with the world size in it), and closes it when the run ends: ``COMPLETED`` with outputs and
+metrics, ``FAILED`` with the error, or ``INTERRUPTED`` (Ctrl-C). Next to ``step.json`` it leaves
+the files a DVC stage points at: ``params.yaml`` (the resolved config) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import yaml
+
+from matsciml.data.errors import DataError
+from matsciml.data.fingerprint import dataset_digest
+from matsciml.provenance import COMPLETED, FAILED, INTERRUPTED, StepRecord, write_atomically
+
+PARAMS_NAME, METRICS_NAME = "params.yaml", "metrics.json"
+#: metrics where larger is better; all others are errors or losses
+_HIGHER_IS_BETTER = ("cosine",)
+
+
+def _number(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class StepRecorder(pl.Callback):
+    """Keeps the step record of one Trainer run.
+
+    Args:
+        step: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
+        config: the resolved configuration (plain data), saved in the record and ``params.yaml``.
+        command: the command line (default ``sys.argv``).
+        run_id: a stable run identity (e.g. the SLURM job's), else a random one.
+    """
+
+    def __init__(self, step: str, config: dict[str, Any] | None = None, command: list[str] | None = None,
+                 run_id: str | None = None):
+        self.step, self.config, self.command, self.run_id = step, config or {}, command, run_id
+        self.record: StepRecord | None = None
+        self.history: list[dict[str, float]] = []  # validation metrics per epoch, for the best values
+
+    # -- start ---------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        directory = trainer.log_dir or trainer.default_root_dir  # collective under DDP: every rank asks
+        if not trainer.is_global_zero or self.record is not None:
+            return
+        record = StepRecord(directory, self.step, command=self.command, config=self.config, run_id=self.run_id,
+                            world_size=trainer.world_size)
+        datamodule = trainer.datamodule
+        for split, path in (getattr(datamodule, "paths", None) or {}).items():
+            if path is not None:
+                record.add_input(f"data.{split}_path", path, kind="dataset", digest=self._dataset_digest(path))
+        if trainer.ckpt_path and Path(trainer.ckpt_path).is_file():
+            record.add_input("ckpt_path", trainer.ckpt_path, kind="checkpoint")
+        self.record = record
+        record.save()
+        write_atomically(record.directory / PARAMS_NAME, yaml.safe_dump(self.config, sort_keys=False))
+
+    @staticmethod
+    def _dataset_digest(path: str | os.PathLike) -> str | None:
+        try:
+            return dataset_digest(path)
+        except DataError:  # unreadable here; the data module reports it with file and record
+            return None
+
+    # -- during --------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.record is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        values = {k: _number(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **values})
+
+    # -- end -----------------------------------------------------------------------------
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.record is not None and self.record.status not in (FAILED, INTERRUPTED):
+            self._close(trainer, COMPLETED)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.record is not None:
+            self._close(trainer, INTERRUPTED if isinstance(exception, KeyboardInterrupt) else FAILED, exception)
+
+    def _close(self, trainer: pl.Trainer, status: str, error: BaseException | None = None) -> None:
+        record = self.record
+        final = {k: _number(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        record.set_metrics(final=final, best=self._best(trainer))
+        self._add_outputs(trainer, record)
+        write_atomically(record.directory / METRICS_NAME, json.dumps(final, indent=1, sort_keys=True) + "\n")
+        record.add_output("metrics", record.directory / METRICS_NAME, kind="metrics")
+        record.add_output("params", record.directory / PARAMS_NAME, kind="params")
+        record.finish(status, error)
+
+    def _best(self, trainer: pl.Trainer) -> dict[str, Any]:
+        best: dict[str, Any] = {}
+        for name in sorted({k for row in self.history for k in row if k.startswith("val/")}):
+            rows = [r for r in self.history if r.get(name) is not None]
+            if not rows or name.endswith("_baseline"):
+                continue
+            pick = max if any(word in name for word in _HIGHER_IS_BETTER) else min
+            row = pick(rows, key=lambda r: r[name])
+            best[name] = {"value": row[name], "epoch": row["epoch"], "step": row["step"]}
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "best_model_path", ""):
+            score = checkpoint.best_model_score
+            best["checkpoint"] = {"path": str(Path(checkpoint.best_model_path).resolve()),
+                                  "monitor": checkpoint.monitor,
+                                  "score": None if score is None else _number(score)}
+        return best
+
+    @staticmethod
+    def _add_outputs(trainer: pl.Trainer, record: StepRecord) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            directory = getattr(callback, "dirpath", None)
+            if directory and Path(directory).is_dir():
+                for path in sorted(Path(directory).glob("*.ckpt")):
+                    record.add_output(f"checkpoint:{path.stem}", path, kind="checkpoint")
+        for callback in trainer.callbacks:
+            written = getattr(callback, "written_path", None)  # PredictionWriter
+            if written is not None and Path(written).is_file():
+                record.add_output("predictions", written, kind="predictions")
+        for logger in trainer.loggers:
+            metrics_csv = Path(getattr(logger, "log_dir", "") or "") / "metrics.csv"
+            if metrics_csv.is_file():
+                record.add_output("metrics_history", metrics_csv, kind="metrics")
+        config = record.directory / "config.yaml"  # LightningCLI's SaveConfigCallback
+        if config.is_file():
+            record.add_output("config", config, kind="params")

@@ -1,0 +1,36 @@
+"""Callbacks that interrupt a CLI run at a chosen training step (pass them with --trainer.callbacks+=)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+
+class SignalAtStep(pl.Callback):
+    """Sends this process ``signal`` after training step ``step``, once per ``marker`` file.
+
+    SIGUSR1 plays SLURM's warning before preemption (``#SBATCH --signal=SIGUSR1@90``; the marker
+    lets the requeued job, the same command line, run to the end); SIGINT plays Ctrl-C.
+    """
+
+    def __init__(self, step: int, marker: str, signal: str = "SIGUSR1"):
+        self.step, self.marker, self.signal = step, Path(marker), signal
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text(str(self.step))
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class RaiseAtStep(pl.Callback):
+    """Raises ``RuntimeError(message)`` after training step ``step``: a run that fails midway."""
+
+    def __init__(self, step: int, message: str = "deliberate failure"):
+        self.step, self.message = step, message
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(self.message)
