@@ -76,6 +76,50 @@ def _cmd_devset_synthetic(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_runs_list(args: argparse.Namespace) -> None:
+    from matsciml import runs
+
+    frame = runs.load(args.paths, where=args.where)
+    if args.metrics:
+        frame = frame[[c for c in runs.COLUMNS if c not in ("path", "run_id")] + args.metrics]
+    elif args.format == "table":  # every metric is too wide for a terminal: the main ones
+        frame = frame[[c for c in frame.columns if c not in ("path", "run_id") and not c.startswith("train/")
+                       and not c.endswith(("_step", "_baseline"))]]
+    print(runs.render(frame, args.format))
+
+
+def _cmd_runs_show(args: argparse.Namespace) -> None:
+    import json
+
+    from matsciml.provenance import load_record
+
+    record = load_record(args.run)
+    if args.json:
+        print(json.dumps(record, indent=1))
+        return
+    print(f"{record['step']} {record['status']}  run {record['run_id']}  {record['started_at']}  "
+          f"{record['duration_s'] or 0:.1f} s")
+    print("command: " + " ".join(record["command"]))
+    git = record["code"]["git"] or {}
+    print(f"code: matsciml {record['code']['version']}  commit {git.get('commit')}  dirty {git.get('dirty')}")
+    if record["error"]:
+        print(f"error: {record['error']['type']}: {record['error']['message']}")
+    for kind in ("inputs", "outputs"):
+        print(f"{kind}:")
+        for entry in record[kind]:
+            print(f"  {entry['role']:28s} {entry['path']}  {(entry['digest'] or '-')[:19]}")
+    print("metrics (final):")
+    for name, value in sorted(record["metrics"]["final"].items()):
+        print(f"  {name:36s} {value}")
+
+
+def _cmd_runs_compare(args: argparse.Namespace) -> None:
+    from matsciml import runs
+
+    table = runs.compare(runs.load(args.paths, where=args.where), args.group_by, args.metrics)
+    print(runs.render(runs.with_plus_minus(table, args.metrics) if args.format == "table" else table, args.format))
+
+
 def _add_dataset_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="?", help="dataset directory or .lmdb file")
     parser.add_argument("--devset", metavar="TASK[/SPLIT]", help="a shipped devset: s2ef or is2re")
@@ -143,7 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--records-per-shard", type=_positive, default=5_000)
     synthetic.add_argument("--overwrite", action="store_true")
     synthetic.set_defaults(func=_cmd_devset_synthetic)
+    _add_runs_commands(commands)
     return parser
+
+
+def _add_runs_commands(commands: argparse._SubParsersAction) -> None:
+    runs = commands.add_parser("runs", help="list, show and compare runs from their step records")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    where = "pandas query over the columns, e.g. \"status == 'COMPLETED' and model == 'EGNN'\""
+    listing = runs_commands.add_parser("list", help="one line per run")
+    compare = runs_commands.add_parser("compare", help="metrics per group: mean ± std over runs (e.g. seeds)")
+    for parser in (listing, compare):
+        parser.add_argument("paths", nargs="*", default=["runs"], help="run directories or folders of runs")
+        parser.add_argument("--where", help=where)
+        parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    listing.add_argument("--metrics", nargs="+", help="metric columns to show (default: the validation ones)")
+    listing.set_defaults(func=_cmd_runs_list)
+    compare.add_argument("--group-by", nargs="+", default=["model"], help="columns to group on (default: model)")
+    compare.add_argument("--metrics", nargs="+", default=["val/energy_mae"])
+    compare.set_defaults(func=_cmd_runs_compare)
+    show = runs_commands.add_parser("show", help="one run's record")
+    show.add_argument("run", type=Path, help="run directory or step.json")
+    show.add_argument("--json", action="store_true", help="print the whole record")
+    show.set_defaults(func=_cmd_runs_show)
 
 
 TRAINING_HELP = {
