@@ -52,28 +52,52 @@ def _cmd_data_check(args: argparse.Namespace) -> None:
     )
 
 
+def _step_config(args: argparse.Namespace) -> dict:
+    """The parsed arguments as plain data, for a step record."""
+    return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
+            for k, v in vars(args).items() if k != "func"}
+
+
 def _cmd_data_convert(args: argparse.Namespace) -> None:
     from matsciml.data.convert import convert
+    from matsciml.data.fingerprint import dataset_digest
+    from matsciml.provenance import dataset_record, recorded
 
-    convert(
-        args.sources, args.destination, task=args.task, records_per_shard=args.records_per_shard,
-        num_workers=args.workers, overwrite=args.overwrite, title=args.title,
-    )
+    record = dataset_record(args.destination, "data convert", args.command, _step_config(args))
+    for source in args.sources:
+        record.add_input("source", source, kind="file" if source.is_file() else "directory")
+    with recorded(record):
+        convert(
+            args.sources, args.destination, task=args.task, records_per_shard=args.records_per_shard,
+            num_workers=args.workers, overwrite=args.overwrite, title=args.title,
+        )
+        record.add_output("dataset", args.destination, kind="dataset", digest=dataset_digest(args.destination))
 
 
 def _cmd_devset_build(args: argparse.Namespace) -> None:
     from matsciml.data.devset_builder import build_devsets
+    from matsciml.data.fingerprint import dataset_digest
+    from matsciml.provenance import StepRecord, recorded
 
-    build_devsets(args.out, seed=args.seed, overwrite=args.overwrite, workers=args.workers)
+    # the record of the whole build sits in the output folder, beside the task folders
+    with recorded(StepRecord(args.out, "devset build", command=args.command, config=_step_config(args))) as record:
+        build_devsets(args.out, seed=args.seed, overwrite=args.overwrite, workers=args.workers)
+        for dataset in sorted(args.out.glob("*/*/")):
+            record.add_output(f"dataset:{dataset.parent.name}/{dataset.name}", dataset, kind="dataset",
+                              digest=dataset_digest(dataset))
 
 
 def _cmd_devset_synthetic(args: argparse.Namespace) -> None:
+    from matsciml.data.fingerprint import dataset_digest
     from matsciml.data.synthetic import write_synthetic
+    from matsciml.provenance import dataset_record, recorded
 
-    write_synthetic(
-        args.destination, num_structures=args.num, task=args.task, seed=args.seed,
-        records_per_shard=args.records_per_shard, overwrite=args.overwrite,
-    )
+    with recorded(dataset_record(args.destination, "devset synthetic", args.command, _step_config(args))) as record:
+        write_synthetic(
+            args.destination, num_structures=args.num, task=args.task, seed=args.seed,
+            records_per_shard=args.records_per_shard, overwrite=args.overwrite,
+        )
+        record.add_output("dataset", args.destination, kind="dataset", digest=dataset_digest(args.destination))
 
 
 def _cmd_runs_list(args: argparse.Namespace) -> None:
@@ -118,6 +142,22 @@ def _cmd_runs_compare(args: argparse.Namespace) -> None:
 
     table = runs.compare(runs.load(args.paths, where=args.where), args.group_by, args.metrics)
     print(runs.render(runs.with_plus_minus(table, args.metrics) if args.format == "table" else table, args.format))
+
+
+def _cmd_runs_dvc_stage(args: argparse.Namespace) -> None:
+    import yaml
+
+    from matsciml.runs import dvc_stage, find_runs, load_record
+
+    name = args.name or load_record(find_runs([args.run])[0])["step"].replace(" ", "-")
+    print(yaml.safe_dump({"stages": {name: dvc_stage(args.run)}}, sort_keys=False), end="")
+
+
+def _cmd_hpo(args: argparse.Namespace) -> None:
+    from matsciml.hpo.study import run_hpo
+
+    run_hpo(args.config, args.space, args.trials, backend=args.backend, study_dir=args.study_dir,
+            study_name=args.study_name, command=args.command)
 
 
 def _add_dataset_argument(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--overwrite", action="store_true")
     synthetic.set_defaults(func=_cmd_devset_synthetic)
     _add_runs_commands(commands)
+    _add_hpo_command(commands)
     return parser
+
+
+def _add_hpo_command(commands: argparse._SubParsersAction) -> None:
+    hpo = commands.add_parser("hpo", help="hyperparameter search over fit runs (Optuna or SigOpt; docs/hpo.md)")
+    hpo.add_argument("--config", type=Path, required=True, help="the base fit config (configs/devset/is2re-egnn.yaml)")
+    hpo.add_argument("--space", type=Path, required=True, help="the search space (configs/hpo/is2re-egnn-space.yaml)")
+    hpo.add_argument("--trials", type=_positive, required=True,
+                     help="run until the study holds this many trials (re-running resumes it)")
+    hpo.add_argument("--backend", choices=("optuna", "sigopt"), default="optuna")
+    hpo.add_argument("--study-dir", type=Path, help="where the study lives (default: runs/hpo/STUDY_NAME)")
+    hpo.add_argument("--study-name", help="default: the space file's name without .yaml")
+    hpo.set_defaults(func=_cmd_hpo)
 
 
 def _add_runs_commands(commands: argparse._SubParsersAction) -> None:
@@ -210,6 +263,10 @@ def _add_runs_commands(commands: argparse._SubParsersAction) -> None:
     show.add_argument("run", type=Path, help="run directory or step.json")
     show.add_argument("--json", action="store_true", help="print the whole record")
     show.set_defaults(func=_cmd_runs_show)
+    stage = runs_commands.add_parser("dvc-stage", help="print a dvc.yaml stage that reproduces the run")
+    stage.add_argument("run", type=Path, help="run directory or record file (e.g. data/train.step.json)")
+    stage.add_argument("--name", help="stage name (default: the step, e.g. fit, data-convert)")
+    stage.set_defaults(func=_cmd_runs_dvc_stage)
 
 
 TRAINING_HELP = {
@@ -234,11 +291,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     from matsciml.data.errors import DataError
+    from matsciml.hpo import HPOError
 
     args = build_parser().parse_args(argv)
+    args.command = ["matsciml", *argv]
     try:
         args.func(args)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (DataError, FileExistsError, FileNotFoundError, ValueError, HPOError) as err:
         print(f"matsciml: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

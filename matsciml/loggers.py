@@ -8,6 +8,8 @@ first part of a run resumed under the same version (a SLURM job requeued after p
 from __future__ import annotations
 
 import csv
+from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -32,3 +34,24 @@ class CSVLogger(LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+#: loggers whose folder is ``save_dir/name/version``, and their default ``name``
+VERSIONED_LOGGERS = {"CSVLogger": "lightning_logs", "TensorBoardLogger": "lightning_logs"}
+
+
+def versioned_logger_configs(trainer: Any) -> list[Any]:
+    """The CSV and TensorBoard logger entries (``class_path``/``init_args``) of a parsed trainer config."""
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    return [logger for logger in loggers if getattr(logger, "class_path", None) is not None
+            and logger.class_path.rpartition(".")[2] in VERSIONED_LOGGERS]
+
+
+def run_directory(logger: Any) -> Path | None:
+    """``save_dir/name/version`` of a logger entry whose version is set, else ``None``."""
+    args = logger.init_args
+    if args.get("version") is None:
+        return None
+    version = args.version if isinstance(args.version, str) else f"version_{args.version}"
+    name = args.get("name", VERSIONED_LOGGERS[logger.class_path.rpartition(".")[2]]) or ""
+    return Path(args.get("save_dir", ".")) / name / version

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import traceback
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -139,11 +141,14 @@ class StepRecord:
         command: the command line; defaults to ``sys.argv``.
         config: the resolved configuration, as plain data.
         run_id: a stable identity (e.g. ``slurm-<job>``); a random one by default.
+        name: the record's file name: ``step.json`` in a run directory; steps that write a
+            dataset keep theirs beside it, as ``<dataset>.step.json`` (see :func:`dataset_record`).
     """
 
     def __init__(self, directory: str | os.PathLike, step: str, command: list[str] | None = None,
-                 config: dict[str, Any] | None = None, run_id: str | None = None, world_size: int = 1):
-        self.directory = Path(directory)
+                 config: dict[str, Any] | None = None, run_id: str | None = None, world_size: int = 1,
+                 name: str = RECORD_NAME):
+        self.directory, self.name = Path(directory), name
         self.data: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION, "run_id": run_id or uuid.uuid4().hex, "step": step,
             "command": list(sys.argv if command is None else command), "cwd": os.getcwd(),
@@ -154,7 +159,7 @@ class StepRecord:
 
     @property
     def path(self) -> Path:
-        return self.directory / RECORD_NAME
+        return self.directory / self.name
 
     @property
     def status(self) -> str:
@@ -170,12 +175,12 @@ class StepRecord:
             digest = sha256_file(path)
         self.data["inputs"].append({"role": role, "kind": kind, "path": str(path.resolve()), "digest": digest})
 
-    def add_output(self, role: str, path: str | os.PathLike, kind: str = "file") -> None:
-        """An output file, hashed now (call once it is complete)."""
+    def add_output(self, role: str, path: str | os.PathLike, kind: str = "file", digest: str | None = None) -> None:
+        """An output, hashed now if a file (call once it is complete) unless ``digest`` is given."""
         path = Path(path)
-        entry = {"role": role, "kind": kind, "path": str(path.resolve()), "digest": None, "bytes": None}
+        entry = {"role": role, "kind": kind, "path": str(path.resolve()), "digest": digest, "bytes": None}
         if path.is_file():
-            entry.update(digest=sha256_file(path), bytes=path.stat().st_size)
+            entry.update(digest=digest or sha256_file(path), bytes=path.stat().st_size)
         self.data["outputs"] = [o for o in self.data["outputs"] if o["path"] != entry["path"]] + [entry]
 
     def set_metrics(self, final: dict[str, float] | None = None, best: dict[str, Any] | None = None) -> None:
@@ -198,8 +203,35 @@ class StepRecord:
         self.save()
 
 
+def dataset_record(destination: str | os.PathLike, step: str, command: list[str], config: dict[str, Any]
+                   ) -> StepRecord:
+    """The record of a step writing the dataset ``destination``: ``<destination>.step.json`` beside it.
+
+    Beside, not inside: the dataset appears only when complete (an atomic rename), while the
+    record must exist from the start; and the dataset's own bytes stay those of its records.
+    """
+    destination = Path(destination)
+    return StepRecord(destination.parent, step, command=command, config=config,
+                      name=f"{destination.name}.{RECORD_NAME}")
+
+
+@contextmanager
+def recorded(record: StepRecord) -> Iterator[StepRecord]:
+    """Save ``record`` as RUNNING, then end it COMPLETED, FAILED or INTERRUPTED with the block."""
+    record.save()
+    try:
+        yield record
+    except KeyboardInterrupt as err:
+        record.finish(INTERRUPTED, err)
+        raise
+    except BaseException as err:
+        record.finish(FAILED, err)
+        raise
+    record.finish(COMPLETED)
+
+
 def load_record(path: str | os.PathLike) -> dict[str, Any]:
-    """A record from ``step.json`` or its run directory."""
+    """A record from its file (``step.json``, ``<dataset>.step.json``) or its run directory."""
     path = Path(path)
     if path.is_dir():
         path = path / RECORD_NAME

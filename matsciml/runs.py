@@ -12,6 +12,7 @@ The same from the shell: ``matsciml runs list|show|compare``.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,36 +27,44 @@ COLUMNS = ["run", "step", "status", "task", "model", "seed", "started_at", "dura
 
 
 def find_runs(paths: Iterable[str | os.PathLike] = ("runs",)) -> list[Path]:
-    """Run directories under ``paths`` (each a run directory, a ``step.json`` or a folder of runs)."""
+    """Record files under ``paths``: run directories, record files, or folders searched recursively.
+
+    Records are ``step.json`` in run directories and ``<dataset>.step.json`` beside datasets.
+    """
     found: list[Path] = []
     for path in map(Path, paths):
-        if path.is_file() and path.name == RECORD_NAME:
-            found.append(path.parent)
-        elif (path / RECORD_NAME).is_file():
+        if path.is_file() and path.name.endswith(RECORD_NAME):
             found.append(path)
-        elif path.is_dir():
-            found += sorted(p.parent for p in path.rglob(RECORD_NAME))
+        elif path.is_dir():  # its own record first, then nested ones (an hpo study's trials)
+            own = [path / RECORD_NAME] if (path / RECORD_NAME).is_file() else []
+            found += own + sorted(p for p in path.rglob(f"*{RECORD_NAME}") if p not in own)
         else:
             raise FileNotFoundError(f"{path}: no such run directory")
     return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def _run_name(record_file: Path) -> str:
+    if record_file.name == RECORD_NAME:
+        return record_file.parent.name
+    return record_file.name[: -len(RECORD_NAME) - 1]
 
 
 def _short(class_path: Any) -> str | None:
     return class_path.rpartition(".")[2] if isinstance(class_path, str) else None
 
 
-def summarize(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def summarize(record: dict[str, Any], record_file: Path) -> dict[str, Any]:
     """One row: identity, outcome, the main settings, and the final metrics."""
     config = record.get("config") or {}
     task = config.get("model") or {}
     model = (task.get("init_args") or {}).get("model") or {}
     git = (record.get("code") or {}).get("git") or {}
     row = {
-        "run": run_dir.name, "step": record["step"], "status": record["status"], "task": _short(task.get("class_path")),
+        "run": _run_name(record_file), "step": record["step"], "status": record["status"], "task": _short(task.get("class_path")),
         "model": _short(model.get("class_path")), "seed": config.get("seed_everything"),
         "started_at": record["started_at"], "duration_s": record["duration_s"],
         "world_size": record["environment"].get("world_size"), "commit": (git.get("commit") or "")[:12] or None,
-        "dirty": git.get("dirty"), "run_id": record["run_id"], "path": str(run_dir),
+        "dirty": git.get("dirty"), "run_id": record["run_id"], "path": str(record_file),
     }
     row.update(record["metrics"]["final"])
     return row
@@ -71,7 +80,7 @@ def load(paths: Iterable[str | os.PathLike] | str | os.PathLike = ("runs",), whe
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    rows = [summarize(load_record(run), run) for run in find_runs(paths)]
+    rows = [summarize(load_record(path), path) for path in find_runs(paths)]
     frame = pd.DataFrame(rows)
     if frame.empty:
         frame = pd.DataFrame(columns=COLUMNS)
@@ -84,11 +93,11 @@ def load(paths: Iterable[str | os.PathLike] | str | os.PathLike = ("runs",), whe
 
 def history(run: str | os.PathLike | pd.Series) -> pd.DataFrame:
     """The run's logged metric history (``metrics.csv``), read now."""
-    run_dir = Path(run["path"] if isinstance(run, pd.Series) else run)
-    for output in load_record(run_dir)["outputs"]:
+    path = Path(run["path"] if isinstance(run, pd.Series) else run)
+    for output in load_record(path)["outputs"]:
         if output["role"] == "metrics_history":
             return pd.read_csv(output["path"])
-    raise FileNotFoundError(f"{run_dir}: the record names no metrics history (metrics.csv)")
+    raise FileNotFoundError(f"{path}: the record names no metrics history (metrics.csv)")
 
 
 def compare(frame: pd.DataFrame, group_by: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -121,3 +130,59 @@ def with_plus_minus(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
         shown[metric] = [f"{m:.4g} ± {s:.2g} (n={n})" if n > 1 else f"{m:.4g} (n={n})"
                          for m, s, n in zip(mean, std.fillna(0.0), count, strict=True)]
     return shown
+
+
+# -- DVC -----------------------------------------------------------------------------------------
+#: where each step's results go in a DVC stage: outs (cached) and metrics (kept in git)
+_LIGHTNING_STEPS = ("fit", "validate", "test", "predict")
+
+
+def _relative(path: str, cwd: Path) -> str:
+    path = Path(path)
+    try:
+        return str(path.relative_to(cwd))
+    except ValueError:
+        return str(path)
+
+
+def _pinned_command(record: dict[str, Any], run_dir: Path, cwd: Path) -> list[str]:
+    """The recorded command, told to write into the same run directory again."""
+    command = list(record["command"])
+    if record["step"] in _LIGHTNING_STEPS:
+        pins = {"--trainer.logger.init_args.save_dir": _relative(str(run_dir.parent.parent), cwd),
+                "--trainer.logger.init_args.name": run_dir.parent.name,
+                "--trainer.logger.init_args.version": run_dir.name}
+        if record["step"] == "fit":  # a reproduction starts afresh in its folder
+            pins["--overwrite"] = "true"
+        command = [arg for arg in command if arg.partition("=")[0] not in pins] + [f"{k}={v}" for k, v in pins.items()]
+    return command
+
+
+def dvc_stage(record_file: str | os.PathLike) -> dict[str, Any]:
+    """A ``dvc.yaml`` stage (``cmd``, ``deps``, ``params``, ``outs``, ``metrics``) that reproduces a step.
+
+    Paths are relative to the directory the step ran in (the record's ``cwd``), where the
+    ``dvc.yaml`` belongs. Datasets and checkpoints the step read are dependencies, so stages chain
+    (``data convert`` -> ``fit``); config files given with ``--config`` are parameter files.
+    """
+    record_file = Path(record_file)
+    if record_file.is_dir():
+        record_file = record_file / RECORD_NAME
+    record = load_record(record_file)
+    cwd = Path(record["cwd"])
+    command = _pinned_command(record, record_file.parent, cwd)
+    configs = [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--config"]
+    deps = [_relative(i["path"], cwd) for i in record["inputs"]]
+    stage: dict[str, Any] = {"cmd": shlex.join(command), "deps": list(dict.fromkeys(deps))}
+    if configs:
+        stage["params"] = [{config: None} for config in configs]  # every key of each config file
+    if record["step"] in _LIGHTNING_STEPS:
+        run_dir = record_file.parent
+        outs = [o for o in record["outputs"] if o["kind"] in ("predictions",)]
+        stage["outs"] = ([_relative(str(run_dir / "checkpoints"), cwd)] if record["step"] == "fit" else []) + \
+            [_relative(o["path"], cwd) for o in outs]
+        stage["metrics"] = [{_relative(str(run_dir / "metrics.json"), cwd): {"cache": False}}]
+    else:
+        stage["outs"] = [_relative(o["path"], cwd) for o in record["outputs"]]
+    return stage
+

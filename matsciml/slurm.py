@@ -13,16 +13,11 @@ logging into the same ``metrics.csv`` (:class:`matsciml.loggers.CSVLogger` appen
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-#: loggers whose folder is ``save_dir/name/version``, and their default ``name``
-_VERSIONED_LOGGERS = {
-    "CSVLogger": "lightning_logs",
-    "TensorBoardLogger": "lightning_logs",
-}
+from matsciml.loggers import run_directory, versioned_logger_configs
 
 
 def job_identity() -> str | None:
@@ -40,16 +35,10 @@ def pin_run_to_job(trainer: Any, job: str) -> None:
 
     Only what the user left unset changes; loggers other than CSV and TensorBoard are left alone.
     """
-    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
     run_dirs = []
-    for logger in loggers:
-        class_path = getattr(logger, "class_path", None)
-        if class_path is None or class_path.rpartition(".")[2] not in _VERSIONED_LOGGERS:
-            continue
-        args = logger.init_args
-        if args.get("version") is None:
-            args.version = f"slurm-{job}"
-        name = args.get("name", _VERSIONED_LOGGERS[class_path.rpartition(".")[2]]) or ""
-        run_dirs.append(Path(args.get("save_dir", ".")) / name / str(args.version))
+    for logger in versioned_logger_configs(trainer):
+        if logger.init_args.get("version") is None:
+            logger.init_args.version = f"slurm-{job}"
+        run_dirs.append(run_directory(logger))
     if run_dirs and trainer.get("default_root_dir") is None:
         trainer.default_root_dir = str(run_dirs[0])

@@ -19,6 +19,7 @@ Before the Trainer is built, an accelerator the machine lacks fails with what is
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from matsciml.accelerators import check_accelerator
 from matsciml.data.datamodules import AtomisticDataModule
+from matsciml.loggers import run_directory, versioned_logger_configs
 from matsciml.provenance import require_clean_checkout
 from matsciml.slurm import job_identity, pin_run_to_job
 from matsciml.step_recorder import StepRecorder
@@ -52,6 +54,10 @@ def _statistics(data: AtomisticDataModule) -> dict | None:
 class MatSciMLCLI(LightningCLI):
     """LightningCLI with matsciml's links and defaults (CSV logs under ``runs/``)."""
 
+    def __init__(self, *args: Any, extra_callbacks: list | None = None, **kwargs: Any):
+        self.extra_callbacks = list(extra_callbacks or [])  # set first: the Trainer is built inside __init__
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.init_args.cutoff", "model.init_args.model.init_args.cutoff")
         parser.link_arguments("data", "model.init_args.species", compute_fn=_species, apply_on="instantiate")
@@ -60,6 +66,8 @@ class MatSciMLCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.add_argument("--require_clean", type=bool, default=False,
                             help="refuse to start from a git checkout with uncommitted changes")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: delete the run folder first if the logger's version names an existing one")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -67,6 +75,8 @@ class MatSciMLCLI(LightningCLI):
             require_clean_checkout()
         check_accelerator(config.trainer.accelerator)
         job = job_identity()
+        if self.subcommand == "fit" and config.get("overwrite"):
+            _clear_named_run_dirs(config.trainer)
         if self.subcommand == "fit" and job is not None:
             pin_run_to_job(config.trainer, job)
             # a requeued job starts with the same config, in the folder it has already saved it to
@@ -80,10 +90,25 @@ class MatSciMLCLI(LightningCLI):
         super().after_instantiate_classes()
         if self.subcommand is not None:
             self.trainer.callbacks.append(self.recorder)
+        self.trainer.callbacks.extend(self.extra_callbacks)
 
 
-def run(argv: list[str]) -> None:
-    """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/devset/s2ef-egnn.yaml"]``."""
+def _clear_named_run_dirs(trainer: Any) -> None:
+    """Delete the folders of loggers with an explicit version (a reproduction starts afresh there)."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    if rank != 0 or int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        return  # only global rank 0 (Lightning starts local ranks >= 1 after this point)
+    for logger in versioned_logger_configs(trainer):
+        folder = run_directory(logger)
+        if folder is not None and folder.is_dir():
+            shutil.rmtree(folder)
+
+
+def run(argv: list[str], extra_callbacks: list | None = None) -> None:
+    """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/devset/s2ef-egnn.yaml"]``.
+
+    ``extra_callbacks`` join the Trainer's (live objects a config cannot name, e.g. ``hpo``'s pruning).
+    """
     trainer_defaults: dict[str, Any] = {
         # Lightning's CSVLogger, appending to metrics.csv when a run continues in its folder
         "logger": {"class_path": "matsciml.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
@@ -104,7 +129,7 @@ def run(argv: list[str]) -> None:
     try:
         MatSciMLCLI(
             AtomisticTask, AtomisticDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            trainer_defaults=trainer_defaults, auto_configure_optimizers=True,
+            trainer_defaults=trainer_defaults, auto_configure_optimizers=True, extra_callbacks=extra_callbacks,
         )
     finally:
         sys.argv = saved

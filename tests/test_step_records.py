@@ -10,7 +10,7 @@ import pytest
 import yaml
 from distributed.test_ddp import base_env
 
-from matsciml import provenance
+from matsciml import provenance, runs
 from matsciml.cli import main
 from matsciml.data.fingerprint import dataset_digest
 from matsciml.provenance import StepRecord, load_record, load_schema, sha256_file
@@ -132,3 +132,31 @@ def test_record_is_rewritten_atomically_and_ends_once(tmp_path):
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["step.json"]  # no temporary files left
     with pytest.raises(ValueError, match="COMPLETED, FAILED or INTERRUPTED"):
         record.finish("RUNNING")
+
+
+def test_data_convert_keeps_a_record_beside_the_dataset(tmp_path):
+    from ase.io import write
+    from helpers.ase_inputs import emt_frames
+
+    source = tmp_path / "frames.extxyz"
+    write(source, emt_frames(6))
+    destination = tmp_path / "data" / "train"
+    assert main(["data", "convert", str(source), str(destination), "--task", "s2ef"]) == 0
+    record = load_record(tmp_path / "data" / "train.step.json")
+    validate(record)
+    assert record["status"] == "COMPLETED" and record["step"] == "data convert"
+    assert record["command"] == ["matsciml", "data", "convert", str(source), str(destination), "--task", "s2ef"]
+    assert record["inputs"][0]["digest"] == sha256_file(source)
+    assert record["outputs"][0]["digest"] == dataset_digest(destination)
+    assert not (destination / "step.json").exists()  # the dataset holds only its shards
+
+    bad = tmp_path / "bad.extxyz"
+    bad.write_text("not an extxyz file\n")
+    assert main(["data", "convert", str(bad), str(tmp_path / "data" / "bad"), "--task", "s2ef"]) == 2
+    failed = load_record(tmp_path / "data" / "bad.step.json")
+    validate(failed)
+    assert failed["status"] == "FAILED" and failed["error"]["type"] == "DataError"
+    assert "bad.extxyz" in failed["error"]["message"]
+    assert not (tmp_path / "data" / "bad").exists()
+    frame = runs.load(tmp_path / "data")
+    assert sorted(frame["run"]) == ["bad", "train"] and set(frame["step"]) == {"data convert"}
