@@ -69,7 +69,7 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
     with recorded(record):
         convert(
             args.sources, args.destination, task=args.task, records_per_shard=args.records_per_shard,
-            num_workers=args.workers, overwrite=args.overwrite, title=args.title,
+            num_workers=args.workers, overwrite=args.overwrite, title=args.title, license=args.license,
         )
         record.add_output("dataset", args.destination, kind="dataset", digest=dataset_digest(args.destination))
 
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="shard size; 0 writes one data.lmdb (default: 10000 for s2ef, one file for is2re)")
     convert.add_argument("--workers", type=_count, default=1, help="parallel reader processes")
     convert.add_argument("--title", help="dataset title for the metadata card")
+    convert.add_argument("--license", default="unspecified",
+                         help="the data's license, for the metadata card (e.g. CC-BY-4.0 for OC20)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     convert.set_defaults(func=_cmd_data_convert)
 

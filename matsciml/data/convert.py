@@ -40,6 +40,7 @@ def convert(
     num_workers: int = 1,
     overwrite: bool = False,
     title: str | None = None,
+    license: str = "unspecified",
 ) -> dict:
     """Convert extxyz / ASE trajectory / ASE database / pymatgen files into a matsciml dataset.
 
@@ -57,6 +58,7 @@ def convert(
         num_workers: reader processes; 0 or 1 reads in this process.
         overwrite: replace an existing dataset at ``destination``.
         title: dataset title for the metadata card (default: the destination's name).
+        license: the data's license for the card (e.g. ``CC-BY-4.0``, the OC20 license).
 
     Returns:
         The dataset card written to every shard's metadata.
@@ -90,7 +92,7 @@ def convert(
 
     writer = DatasetWriter(
         destination, task=task, records_per_shard=shard_size, source="; ".join(described),
-        command=shlex.join(sys.argv), title=title, overwrite=overwrite,
+        command=shlex.join(sys.argv), title=title, overwrite=overwrite, license=license,
     )
     progress = progress_bar(Console(stderr=True), unit="records")
     try:

@@ -73,6 +73,8 @@ def describe(path: str | Path, as_json: bool = False, console: Console | None = 
     for key in ("source", "command", "content_hash", "matsciml_version"):
         if card.get(key):
             rows.append((key, str(card[key])))
+    # cards written before the field existed (the shipped devsets) have none
+    rows.append(("license", card.get("license") or "not recorded"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

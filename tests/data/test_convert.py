@@ -182,13 +182,15 @@ def test_cli_end_to_end(inputs, tmp_path):
     destination = tmp_path / "cli"
     result = subprocess.run(
         [sys.executable, "-m", "matsciml.cli", "data", "convert", str(inputs["extxyz"]), str(inputs["db"]),
-         str(destination), "--task", "s2ef", "--records-per-shard", "30", "--title", "from cli"],
+         str(destination), "--task", "s2ef", "--records-per-shard", "30", "--title", "from cli",
+         "--license", "CC-BY-4.0"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     records, metas, _ = read_dataset(destination)
     assert len(records) == 50 and [m["shard"]["count"] for m in metas] == [30, 20]
     assert metas[0]["title"] == "from cli" and "data convert" in metas[0]["command"]
+    assert metas[0]["license"] == "CC-BY-4.0"
     assert "50/50" in result.stderr  # the progress bar's final state
 
 

@@ -161,6 +161,7 @@ class DatasetWriter:
         command: str | None = None,
         title: str | None = None,
         overwrite: bool = False,
+        license: str = "unspecified",
     ):
         if task not in K.TASK_TARGETS:
             raise ValueError(f"task must be one of {sorted(K.TASK_TARGETS)}, got {task!r}")
@@ -175,6 +176,7 @@ class DatasetWriter:
             "title": title or self.destination.name,
             "source": source,
             "command": command if command is not None else " ".join(sys.argv),
+            "license": license,
         }
         self.overwrite = overwrite
         self._tmp = self.destination.parent / f".{self.destination.name}.partial-{os.getpid()}"
