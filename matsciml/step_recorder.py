@@ -32,6 +32,32 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _run_directory(trainer: pl.Trainer) -> Path:
+    """The run's folder: the CSV/TensorBoard log_dir, else ``save_dir/name/version`` of the first
+    logger (a W&B run's id), which is where Lightning puts the run's checkpoints."""
+    log_dir = trainer.log_dir  # collective under DDP
+    first = trainer.loggers[0] if trainer.loggers else None
+    if first is None or type(first).__name__ in ("TensorBoardLogger", "CSVLogger"):
+        return Path(log_dir or trainer.default_root_dir)
+    version = first.version if isinstance(first.version, str) else f"version_{first.version}"
+    return Path(first.save_dir or trainer.default_root_dir) / str(first.name) / version
+
+
+def _logger_links(trainer: pl.Trainer, run_id: str) -> dict[str, Any]:
+    """Where the run's loggers keep it; a W&B run also learns this record's ``run_id``."""
+    links: dict[str, Any] = {}
+    for logger in trainer.loggers:
+        kind = type(logger).__name__
+        if kind == "WandbLogger":
+            run = logger.experiment  # creates the W&B run (offline with WANDB_MODE=offline)
+            run.config.update({"matsciml_run_id": run_id}, allow_val_change=True)
+            links["wandb"] = {"id": run.id, "project": run.project, "name": run.name, "dir": run.dir,
+                              "url": getattr(run, "url", None)}
+        elif kind in ("TensorBoardLogger", "CSVLogger"):
+            links[kind.removesuffix("Logger").lower()] = {"log_dir": str(Path(logger.log_dir).resolve())}
+    return links
+
+
 class StepRecorder(pl.Callback):
     """Keeps the step record of one Trainer run.
 
@@ -50,7 +76,7 @@ class StepRecorder(pl.Callback):
 
     # -- start ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        directory = trainer.log_dir or trainer.default_root_dir  # collective under DDP: every rank asks
+        directory = _run_directory(trainer)  # collective under DDP: every rank asks
         if not trainer.is_global_zero or self.record is not None:
             return
         record = StepRecord(directory, self.step, command=self.command, config=self.config, run_id=self.run_id,
@@ -61,6 +87,7 @@ class StepRecorder(pl.Callback):
                 record.add_input(f"data.{split}_path", path, kind="dataset", digest=self._dataset_digest(path))
         if trainer.ckpt_path and Path(trainer.ckpt_path).is_file():
             record.add_input("ckpt_path", trainer.ckpt_path, kind="checkpoint")
+        record.data["links"].update(_logger_links(trainer, record.data["run_id"]))
         self.record = record
         record.save()
         write_atomically(record.directory / PARAMS_NAME, yaml.safe_dump(self.config, sort_keys=False))
