@@ -85,8 +85,6 @@ class StepRecorder(pl.Callback):
         for split, path in (getattr(datamodule, "paths", None) or {}).items():
             if path is not None:
                 record.add_input(f"data.{split}_path", path, kind="dataset", digest=self._dataset_digest(path))
-        if trainer.ckpt_path and Path(trainer.ckpt_path).is_file():
-            record.add_input("ckpt_path", trainer.ckpt_path, kind="checkpoint")
         record.data["links"].update(_logger_links(trainer, record.data["run_id"]))
         self.record = record
         record.save()
@@ -100,6 +98,27 @@ class StepRecorder(pl.Callback):
             return None
 
     # -- during --------------------------------------------------------------------------
+    def _note_checkpoint(self, trainer: pl.Trainer) -> None:
+        """The checkpoint the run starts from: Lightning knows it only after ``setup``."""
+        path = trainer.ckpt_path
+        if self.record is None or not path or not Path(path).is_file():
+            return
+        if not any(i["role"] == "ckpt_path" for i in self.record.data["inputs"]):
+            self.record.add_input("ckpt_path", path, kind="checkpoint")
+            self.record.save()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._note_checkpoint(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._note_checkpoint(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._note_checkpoint(trainer)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._note_checkpoint(trainer)
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.record is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return

@@ -64,7 +64,7 @@ class MatSciMLCLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.statistics", compute_fn=_statistics, apply_on="instantiate")
         parser.add_lightning_class_args(MetricsReport, "metrics_report")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
-        parser.add_argument("--require_clean", type=bool, default=False,
+        parser.add_argument("--require_clean", "--require-clean", type=bool, default=False,
                             help="refuse to start from a git checkout with uncommitted changes")
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit: delete the run folder first if the logger's version names an existing one")

@@ -100,7 +100,7 @@ def test_ddp_writes_one_record_with_the_world_size(tmp_path):
 def test_require_clean_refuses_a_dirty_checkout(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(provenance, "git_state", lambda path=None: {"root": "/repo", "commit": "abc", "dirty": True})
-    assert main(["fit", *QUICK, "--require_clean=true", f"--trainer.logger.init_args.save_dir={tmp_path}"]) == 2
+    assert main(["fit", *QUICK, "--require-clean=true", f"--trainer.logger.init_args.save_dir={tmp_path}"]) == 2
     assert "has uncommitted changes" in capsys.readouterr().err
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
 
@@ -160,3 +160,20 @@ def test_data_convert_keeps_a_record_beside_the_dataset(tmp_path):
     assert not (tmp_path / "data" / "bad").exists()
     frame = runs.load(tmp_path / "data")
     assert sorted(frame["run"]) == ["bad", "train"] and set(frame["step"]) == {"data convert"}
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_predict_records_its_checkpoint_and_predictions(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["fit", *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path / 'fit'}"]) == 0
+    checkpoint = next((tmp_path / "fit").rglob("last.ckpt"))
+    assert main(["predict", "--config", "configs/devset/is2re-egnn.yaml", f"--ckpt_path={checkpoint}",
+                 "--trainer.limit_predict_batches=2", "--trainer.enable_progress_bar=false",
+                 f"--trainer.logger.init_args.save_dir={tmp_path / 'predict'}"]) == 0
+    record = only_record(tmp_path / "predict")
+    assert record["step"] == "predict" and record["status"] == "COMPLETED"
+    inputs = {i["role"]: i for i in record["inputs"]}
+    assert inputs["ckpt_path"]["digest"] == sha256_file(checkpoint)
+    outputs = {o["role"]: o for o in record["outputs"]}
+    assert outputs["predictions"]["digest"] == sha256_file(outputs["predictions"]["path"])
+    assert Path(outputs["predictions"]["path"]).name == "predictions.npz"
