@@ -1,0 +1,144 @@
+"""The ASE calculator: agrees with predict, is a consistent potential, relaxes and runs MD."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from ase.constraints import FixAtoms
+from ase.md.langevin import Langevin
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import BFGS
+from helpers.emt import atoms_from, read_split
+from helpers.training import quiet_trainer, tiny_egnn
+
+from matsciml.calculators import MatSciMLCalculator, load_task
+from matsciml.data.datamodules import IS2REDataModule, S2EFDataModule
+from matsciml.data.devsets import devset_path
+from matsciml.tasks import IS2RETask, S2EFTask
+
+
+def devset_atoms(split: str = "val", count: int = 4) -> list[Atoms]:
+    records, _ = read_split(devset_path("s2ef", split))
+    structures = []
+    for record in records[:count]:
+        atoms = atoms_from(record)
+        atoms.set_constraint(FixAtoms(mask=record["fixed"].astype(bool)))
+        structures.append(atoms)
+    return structures
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """An EGNN trained a little on the S2EF devset, saved as a Lightning checkpoint."""
+    torch.manual_seed(0)
+    datamodule = S2EFDataModule.from_devset(batch_size=4, shuffle=False)
+    task = S2EFTask(tiny_egnn(), lr=3e-3)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=10, limit_val_batches=1)
+    trainer.fit(task, datamodule=datamodule)
+    path = tmp_path_factory.mktemp("calc") / "s2ef.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_matches_predict_on_the_same_structures(checkpoint):
+    task = load_task(checkpoint)
+    datamodule = S2EFDataModule.from_devset(batch_size=4, shuffle=False)
+    datamodule.setup("predict")
+    batch = next(iter(datamodule.predict_dataloader()))
+    with torch.inference_mode():  # as Lightning's predict runs it
+        expected = task.predict_step(batch, 0)
+    records, _ = read_split(devset_path("s2ef", "test"))
+    calc = MatSciMLCalculator.from_checkpoint(checkpoint)
+    for i, record in enumerate(records[:4]):
+        atoms = atoms_from(record)
+        atoms.calc = calc
+        assert atoms.get_potential_energy() == pytest.approx(float(expected["energy"][i]), abs=1e-4)
+        np.testing.assert_allclose(atoms.get_forces(), expected["forces"][i].double().numpy(), atol=1e-5)
+
+
+def test_forces_are_minus_the_energy_gradient(checkpoint):
+    atoms = devset_atoms(count=1)[0]
+    atoms.set_constraint()
+    atoms.calc = MatSciMLCalculator.from_checkpoint(checkpoint, dtype="float64", max_neighbors=None)
+    forces = atoms.get_forces()
+    numerical = calculate_numerical_forces(atoms, eps=1e-4)
+    np.testing.assert_allclose(forces, numerical, atol=1e-7)
+    assert np.abs(forces).max() > 1e-3  # not trivially zero
+
+
+def test_stress_matches_the_strain_derivative_when_trained_with_it():
+    torch.manual_seed(1)
+    task = S2EFTask(tiny_egnn(), regress_stress=True).eval()
+    atoms = devset_atoms(count=1)[0]
+    atoms.set_constraint()
+    atoms.calc = MatSciMLCalculator(task, dtype="float64", max_neighbors=None)
+    np.testing.assert_allclose(atoms.get_stress(), calculate_numerical_stress(atoms, eps=1e-5), atol=1e-8)
+    assert "stress" not in MatSciMLCalculator(S2EFTask(tiny_egnn())).implemented_properties
+
+
+def test_molecules_without_a_cell_and_both_precisions(checkpoint):
+    water = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], pbc=False)
+    energies = {}
+    for dtype in ("float32", "float64"):
+        water.calc = MatSciMLCalculator.from_checkpoint(checkpoint, dtype=dtype)
+        energies[dtype] = water.get_potential_energy()
+        assert np.isfinite(water.get_forces()).all()
+    assert energies["float32"] == pytest.approx(energies["float64"], abs=1e-4)
+
+
+def test_is2re_task_predicts_energy_only():
+    datamodule = IS2REDataModule.from_devset()
+    datamodule.setup("fit")
+    atoms = devset_atoms(count=1)[0]
+    atoms.calc = MatSciMLCalculator(IS2RETask(tiny_egnn(), statistics=datamodule.target_statistics))
+    assert np.isfinite(atoms.get_potential_energy())
+    with pytest.raises(PropertyNotImplementedError, match="forces"):
+        atoms.get_forces()
+
+
+def test_bfgs_relaxation_lowers_the_energy_and_converges(checkpoint):
+    atoms = devset_atoms(split="test", count=1)[0]  # sub-surface atoms fixed, as in OC20
+    atoms.calc = MatSciMLCalculator.from_checkpoint(checkpoint, max_neighbors=None)
+    atoms.rattle(stdev=0.1, seed=0)  # away from the stored geometry (FixAtoms keeps the fixed ones)
+    start = atoms.get_potential_energy()
+    # a briefly trained model has gentle forces: converge to a tenth of the starting ones
+    fmax = 0.1 * np.linalg.norm(atoms.get_forces(), axis=1).max()
+    assert BFGS(atoms, logfile=None).run(fmax=fmax, steps=300)
+    assert atoms.get_potential_energy() < start
+    assert np.linalg.norm(atoms.get_forces(), axis=1).max() <= fmax
+
+
+def test_md_conserves_energy_and_never_returns_nan(checkpoint):
+    atoms = devset_atoms(count=1)[0]
+    atoms.set_constraint()
+    atoms.calc = MatSciMLCalculator.from_checkpoint(checkpoint, dtype="float64", max_neighbors=None)
+    # Maxwell-Boltzmann momenta at 300 K
+    kinetic = np.sqrt(atoms.get_masses() * units.kB * 300)[:, None]
+    atoms.set_momenta(np.random.default_rng(0).normal(size=(len(atoms), 3)) * kinetic)
+    # NVE, velocity Verlet, 1 fs, 100 steps: the total energy may drift by at most 2 meV per atom
+    total = []
+    nve = VelocityVerlet(atoms, timestep=1.0 * units.fs, logfile=None)
+    nve.attach(lambda: total.append(atoms.get_total_energy()), interval=1)
+    nve.run(100)
+    drift = (max(total) - min(total)) / len(atoms)
+    assert np.isfinite(total).all() and drift < 2e-3, drift
+    # Langevin (NVT), 100 steps: no NaN, temperature stays physical
+    langevin = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=300, friction=0.02,
+                        fixcm=False, rng=np.random.default_rng(0), logfile=None)
+    langevin.run(100)
+    assert np.isfinite(atoms.get_positions()).all() and np.isfinite(atoms.get_forces()).all()
+    assert 0 < atoms.get_temperature() < 3000
+
+
+def test_refuses_foreign_checkpoints(tmp_path):
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, path)
+    with pytest.raises(ValueError, match="not a matsciml task checkpoint"):
+        load_task(path)
+    torch.save({"hyper_parameters": {"model": {}, "_class_path": "os.system"}}, path)
+    with pytest.raises(ValueError, match="is not one of matsciml's"):
+        load_task(path)
