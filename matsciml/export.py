@@ -1,0 +1,305 @@
+"""Exported model packages: a trained task as weights + JSON that loads with no other file (docs/export.md).
+
+A package (a folder, or a zip) holds ``weights.safetensors`` or ``weights.pt`` (a plain ``{name: tensor}`` state
+dict; the normaliser is buffers, so it is inside), ``model.json`` (task class, its init arguments, model spec) and
+``card.json`` (the model card). Loading never runs code from a package: task classes only from ``matsciml.tasks``,
+models only from matsciml or a module the caller imported first, JSON hyper-parameters, weights-only tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import io
+import json
+import os
+import pickle
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from matsciml import provenance
+from matsciml.models.base import AbstractEnergyModel
+from matsciml.tasks.base import AtomisticTask
+
+FORMAT, FORMAT_VERSION = "matsciml-model", 1
+MODEL_FILE, CARD_FILE = "model.json", "card.json"
+SAFETENSORS_FILE, TORCH_FILE = "weights.safetensors", "weights.pt"
+UNITS = {"positions": "Å", "energy": "eV", "forces": "eV/Å", "stress": "eV/Å^3"}
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported, or a package that cannot (or must not) be loaded."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Lightning checkpoint written by ``matsciml fit``, read weights-only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = _weights_only_load(path, f"{path} is not a readable PyTorch checkpoint (weights-only)")
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    spec = hparams.get("model") if isinstance(hparams, dict) else None
+    # the task class (_class_path) is stored by LightningCLI (matsciml fit), not by a bare Trainer
+    if not (isinstance(spec, dict) and "class_path" in spec and "_class_path" in hparams
+            and "state_dict" in checkpoint):
+        raise ExportError(f"{path} is not a matsciml checkpoint: it has no hyper_parameters.model spec or task "
+                          "class (export checkpoints written by `matsciml fit`)")
+    return checkpoint
+
+
+def _weights_only_load(source: Any, what: str) -> Any:
+    try:  # tensors and plain containers only: any other pickled object is refused unread
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ExportError(f"{what}: {_reason(err)}") from err
+
+
+def _reason(err: Exception) -> str:
+    """torch's multi-line error as one line (for main()'s one-line errors): the unpickler's complaint if named."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+    return " ".join(text.split())[:400] or type(err).__name__
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as JSON data, or an error naming the hyper-parameter that is not."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):  # int keys (element_references) become strings; the task accepts both
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    raise ExportError(f"hyper-parameter {where} is a {type(value).__name__}, not plain data; it cannot be exported")
+
+
+def model_description(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``model.json``: the task class with its init arguments and the model spec."""
+    hparams = checkpoint["hyper_parameters"]
+    task_class = task_class_from_path(hparams["_class_path"])
+    accepted = set(inspect.signature(task_class.__init__).parameters) - {"self", "model"}
+    init_args = {k: _plain(v, k) for k, v in hparams.items() if k in accepted}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "task": {"class_path": hparams["_class_path"], "init_args": init_args},
+            "model": _plain(hparams["model"], "model")}
+
+
+def task_class_from_path(class_path: str) -> type[AtomisticTask]:
+    """The task class named ``class_path``; only ``AtomisticTask`` subclasses in ``matsciml.tasks``."""
+    module, _, name = str(class_path).rpartition(".")
+    if not (module == "matsciml.tasks" or module.startswith("matsciml.tasks.")):  # checked before any import
+        raise ExportError(f"unknown task class {class_path!r}: only matsciml.tasks classes load")
+    try:
+        cls = getattr(importlib.import_module(module), name, None)
+    except ImportError as err:
+        raise ExportError(f"unknown task class {class_path!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, AtomisticTask)):
+        raise ExportError(f"unknown task class {class_path!r}: not an AtomisticTask")
+    return cls
+
+
+def _model_from_spec(spec: Any) -> AbstractEnergyModel:
+    if not (isinstance(spec, dict) and isinstance(spec.get("class_path"), str)
+            and isinstance(spec.get("init_args", {}), dict)):
+        raise ExportError("model.json: 'model' must be {'class_path': str, 'init_args': dict}")
+    module = spec["class_path"].rpartition(".")[0]
+    # from_spec imports the module before checking the class: import only matsciml's own modules,
+    # or one the caller already imported (their own model package), never one the file chooses
+    if not (module == "matsciml" or module.startswith("matsciml.") or module in sys.modules):
+        raise ExportError(f"unknown model class {spec['class_path']!r}: only matsciml models, or models from "
+                          "a module imported before loading, load")
+    try:
+        return AbstractEnergyModel.from_spec(spec)
+    except ValueError as err:
+        raise ExportError(f"unknown model class {spec['class_path']!r}: {err}") from err
+
+
+def build_task(description: dict[str, Any]) -> AtomisticTask:
+    """A task with fresh weights from a ``model.json`` description."""
+    if not isinstance(description, dict) or (description.get("format"), description.get("format_version")) \
+            != (FORMAT, FORMAT_VERSION):
+        raise ExportError(f"{MODEL_FILE} is not a {FORMAT} description of format_version {FORMAT_VERSION}")
+    task = description.get("task") or {}
+    task_class = task_class_from_path(task.get("class_path", ""))
+    try:
+        return task_class(model=_model_from_spec(description.get("model")), **task.get("init_args", {}))
+    except TypeError as err:  # an argument this task does not take
+        raise ExportError(f"{MODEL_FILE}: {task_class.__name__} cannot be built: {err}") from err
+
+
+def _weights_bytes(state: dict[str, torch.Tensor]) -> tuple[str, bytes]:
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if importlib.util.find_spec("safetensors") is not None:
+        from safetensors.torch import save
+
+        return SAFETENSORS_FILE, save(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return TORCH_FILE, buffer.getvalue()
+
+
+def _load_weights(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    name = SAFETENSORS_FILE if SAFETENSORS_FILE in files else TORCH_FILE
+    data = files[name]
+    if name == SAFETENSORS_FILE:
+        if importlib.util.find_spec("safetensors") is None:
+            raise ExportError(f"the package's weights are {SAFETENSORS_FILE}; install safetensors to read them")
+        from safetensors.torch import load
+
+        return load(data)
+    state = _weights_only_load(io.BytesIO(data), f"{name} is not a weights-only tensor file")
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in state.items())):
+        raise ExportError(f"{name} does not hold a {{name: tensor}} state dict")
+    return state
+
+
+def _read_package(path: Path) -> dict[str, bytes]:
+    """The package's known files by name (a zip is read in memory, never extracted)."""
+    names = (MODEL_FILE, CARD_FILE, SAFETENSORS_FILE, TORCH_FILE)
+    if not path.exists():
+        raise FileNotFoundError(f"model package {path} does not exist")
+    elif path.is_dir():
+        files = {n: (path / n).read_bytes() for n in names if (path / n).is_file()}
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            files = {n: archive.read(n) for n in names if n in archive.namelist()}
+    else:
+        raise ExportError(f"{path} is neither a model package folder nor a zip")
+    for needed in ((MODEL_FILE,), (SAFETENSORS_FILE, TORCH_FILE)):
+        if not any(n in files for n in needed):
+            raise ExportError(f"model package {path} lacks {' or '.join(needed)}")
+    return files
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> AtomisticTask:
+    """The task of an exported package (folder or zip), in eval mode on ``device``.
+
+    Args:
+        path: a package written by ``matsciml export``.
+        device: where to put the weights.
+
+    Raises:
+        ExportError: missing files, an unknown task or model class, or weights that are not a
+            plain tensor dict; nothing from the package is executed.
+    """
+    path = Path(path)
+    files = _read_package(path)
+    try:
+        description = json.loads(files[MODEL_FILE])
+    except ValueError as err:
+        raise ExportError(f"{path}/{MODEL_FILE} is not JSON: {err}") from err
+    task = build_task(description)
+    try:
+        task.load_state_dict(_load_weights(files), strict=True)
+    except RuntimeError as err:  # missing or unexpected keys, wrong shapes
+        raise ExportError(f"{path}: the weights do not fit the model in {MODEL_FILE}: {_reason(err)}") from err
+    return task.to(device).eval()
+
+
+def _training_data(checkpoint_path: Path) -> dict[str, Any]:
+    """What the run that wrote the checkpoint trained on, from its step record if there is one."""
+    record_path = checkpoint_path.resolve().parent.parent / provenance.RECORD_NAME
+    if checkpoint_path.resolve().parent.name != "checkpoints" or not record_path.is_file():
+        return {"known": False, "note": "the checkpoint is not in a run folder with a step record "
+                                        "(<run>/checkpoints/*.ckpt beside <run>/step.json)"}
+    record = provenance.load_record(record_path)
+    return {"known": True, "run_id": record["run_id"], "record": str(record_path), "step": record["step"],
+            "status": record["status"], "datasets": [i for i in record["inputs"] if i["kind"] == "dataset"],
+            "metrics": record["metrics"], "code": record["code"]}
+
+
+def model_card(task: AtomisticTask, checkpoint: dict[str, Any], checkpoint_path: Path,
+               intended_use: str | None) -> dict[str, Any]:
+    training = _training_data(checkpoint_path)
+    outputs = ["energy"] + [name for name in ("forces", "stress") if getattr(task, f"regress_{name}", False)]
+    data = ", ".join(sorted({d["path"] for d in training.get("datasets", []) if d["role"].endswith("train_path")}))
+    intended_use = intended_use or (  # the default: the training data's domain, and a warning off it
+        f"Research use: {task.task.upper()} {' and '.join(outputs)} for structures like its training data "
+        f"({data or 'unknown data'}) with atomic numbers {task.species or 'unknown'}. Other elements, "
+        "chemistries or geometries are extrapolation; validate predictions before relying on them.")
+    return {
+        "architecture": type(task.model).__name__, "model_class": task.model.spec()["class_path"],
+        "parameters": task.model.num_parameters(), "cutoff": getattr(task.model, "cutoff", None),
+        "representation": task.model.representation, "elements": task.species, "task": task.task,
+        "outputs": outputs, "units": UNITS,
+        "normalization": {"note": "the energy normaliser (shift, scale, element references) is buffers in the "
+                                  "weights: predictions come out in eV with no other file",
+                          "shift": float(task.normalizer.shift), "scale": float(task.normalizer.scale)},
+        "training_data": training, "intended_use": intended_use,
+        "checkpoint": {"name": checkpoint_path.name, "sha256": provenance.sha256_file(checkpoint_path),
+                       "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")},
+        "exported_by": provenance.code_version(), "created_at": provenance.now(),
+    }
+
+
+def package_files(checkpoint_path: Path, intended_use: str | None = None) -> dict[str, bytes]:
+    """The package's files as bytes; the task is rebuilt from them first, so what is written loads."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    description = model_description(checkpoint)
+    task = build_task(description)
+    try:
+        task.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ExportError(f"{checkpoint_path}: its weights do not fit its model spec: {_reason(err)}") from err
+    weights_name, weights = _weights_bytes(task.state_dict())
+    card = model_card(task, checkpoint, checkpoint_path, intended_use)
+    return {weights_name: weights, MODEL_FILE: (json.dumps(description, indent=1) + "\n").encode(),
+            CARD_FILE: (json.dumps(card, indent=1, ensure_ascii=False) + "\n").encode()}
+
+
+def _is_package(path: Path) -> bool:
+    if path.is_dir() or not zipfile.is_zipfile(path):
+        return (path / MODEL_FILE).is_file()
+    with zipfile.ZipFile(path) as archive:
+        return MODEL_FILE in archive.namelist()
+
+
+def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, as_zip: bool | None = None,
+                   overwrite: bool = False, intended_use: str | None = None, command: list[str] | None = None,
+                   config: dict[str, Any] | None = None) -> Path:
+    """Write the package of ``checkpoint`` to ``out`` atomically, with ``<out>.step.json`` beside it.
+
+    Args:
+        as_zip: write a zip; default: when ``out`` ends in ``.zip``.
+        overwrite: replace an existing package at ``out`` (never anything else).
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    as_zip = out.suffix == ".zip" if as_zip is None else as_zip
+    # checked before the record exists: a refused export must not replace an existing package's record
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not _is_package(out):
+        raise FileExistsError(f"{out} exists and is not a model package; refusing to replace it")
+    record = provenance.dataset_record(out, "export", command or list(sys.argv), config or {})
+    record.add_input("checkpoint", checkpoint, kind="checkpoint")
+    with provenance.recorded(record):
+        files = package_files(checkpoint, intended_use)
+        tmp, old = (out.with_name(f".{out.name}.{os.getpid()}.{suffix}") for suffix in ("tmp", "old"))
+        try:
+            if as_zip:
+                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+                    for name, data in files.items():
+                        archive.writestr(name, data)
+            else:
+                tmp.mkdir()
+                for name, data in files.items():
+                    (tmp / name).write_bytes(data)
+            if out.exists():  # a folder cannot be renamed over another: move the old one aside first
+                os.replace(out, old)
+            os.replace(tmp, out)
+        finally:
+            for leftover in (tmp, old):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        if as_zip:
+            record.add_output("package", out, kind="model")
+        else:
+            for name in sorted(files):
+                record.add_output(f"package:{name}", out / name, kind="model")
+    return out
