@@ -153,6 +153,32 @@ def _cmd_runs_dvc_stage(args: argparse.Namespace) -> None:
     print(yaml.safe_dump({"stages": {name: dvc_stage(args.run)}}, sort_keys=False), end="")
 
 
+def _cmd_runs_plot(args: argparse.Namespace) -> None:
+    import os
+
+    from matsciml import plots, runs
+
+    frame = runs.load(args.runs)
+    if frame.empty:
+        raise FileNotFoundError(f"no step records under {', '.join(map(str, args.runs))}")
+    # a run's folder name (version_0) repeats across save_dirs: then name runs by their paths past the common part
+    folders = [Path(p).parent for p in frame["path"]]
+    names = [f.name for f in folders]
+    if len(set(names)) < len(names):
+        common = Path(os.path.commonpath(folders))
+        names = [str(f.relative_to(common)) if f != common else f.name for f in folders]
+    histories = {}
+    for name, path in zip(names, frame["path"], strict=True):
+        try:
+            histories[name] = runs.history(path)
+        except FileNotFoundError:  # a record without metrics.csv (e.g. a dataset's): nothing to draw
+            continue
+    if not histories:
+        raise FileNotFoundError(f"no run under {', '.join(map(str, args.runs))} has a metric history")
+    figure, final = plots.runs_figure(histories, args.metric)
+    print(plots.save_png(figure, args.out, final))
+
+
 def _cmd_hpo(args: argparse.Namespace) -> None:
     from matsciml.hpo.study import run_hpo
 
@@ -231,7 +257,27 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.set_defaults(func=_cmd_devset_synthetic)
     _add_runs_commands(commands)
     _add_hpo_command(commands)
+    _add_export_command(commands)
+    _add_predict_structures_command(commands)
     return parser
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from matsciml.export import export_package
+
+    out = export_package(args.checkpoint, args.out, as_zip=True if args.zip else None, overwrite=args.overwrite,
+                         intended_use=args.intended_use, command=args.command, config=_step_config(args))
+    print(f"matsciml: wrote {out} (record: {out}.step.json)")
+
+
+def _add_export_command(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser("export", help="package a checkpoint as weights + JSON + model card (docs/export.md)")
+    export.add_argument("checkpoint", type=Path, help="a checkpoint written by matsciml fit")
+    export.add_argument("--out", type=Path, required=True, help="package folder (model.msml), or a .zip file")
+    export.add_argument("--zip", action="store_true", help="write a zip whatever --out ends with")
+    export.add_argument("--intended-use", help="the card's intended_use text (default: one on the training data)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing package at --out")
+    export.set_defaults(func=_cmd_export)
 
 
 def _add_hpo_command(commands: argparse._SubParsersAction) -> None:
@@ -269,6 +315,41 @@ def _add_runs_commands(commands: argparse._SubParsersAction) -> None:
     stage.add_argument("run", type=Path, help="run directory or record file (e.g. data/train.step.json)")
     stage.add_argument("--name", help="stage name (default: the step, e.g. fit, data-convert)")
     stage.set_defaults(func=_cmd_runs_dvc_stage)
+    plot = runs_commands.add_parser("plot", help="overlay the learning curves of runs in one PNG")
+    plot.add_argument("runs", nargs="+", help="run directories or folders of runs")
+    plot.add_argument("--metric", nargs="+", default=["val/energy_mae"], help="metrics.csv columns, one panel each")
+    plot.add_argument("--out", type=Path, default=Path("curves.png"), help="the PNG to write (default: curves.png)")
+    plot.set_defaults(func=_cmd_runs_plot)
+
+
+def _cmd_predict_structures(args: argparse.Namespace) -> None:
+    from matsciml.batch_prediction import load_any, predict_files
+    from matsciml.provenance import dataset_record, recorded
+
+    record = dataset_record(args.out, "predict-structures", args.command, _step_config(args))
+    record.add_input("model", args.model, kind="checkpoint" if args.model.is_file() else "directory")
+    for path in args.inputs:
+        record.add_input("structures", path)
+    with recorded(record):
+        task = load_any(args.model, device=args.device)
+        count = predict_files(task, args.inputs, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
+                              max_neighbors=args.max_neighbors or None)
+        record.add_output("predictions", args.out, kind="predictions")
+        record.set_metrics(final={"structures": count})
+    print(f"matsciml: wrote {count} structures with energies and forces to {args.out}")
+
+
+def _add_predict_structures_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("predict-structures",
+                                 help="energies and forces for structure files (any ASE format) into one extxyz")
+    parser.add_argument("model", type=Path, help="a checkpoint (.ckpt) or an exported package (matsciml export)")
+    parser.add_argument("inputs", nargs="+", type=Path, help="structure files, every frame of each")
+    parser.add_argument("--out", type=Path, required=True, help="extxyz file to write (resumes a partial one)")
+    parser.add_argument("--batch-size", type=_positive, default=8)
+    parser.add_argument("--num-workers", type=_count, default=0, help="DataLoader processes building graphs")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--max-neighbors", type=_count, default=50, help="neighbour cap as in training; 0: none")
+    parser.set_defaults(func=_cmd_predict_structures)
 
 
 TRAINING_HELP = {

@@ -179,3 +179,5 @@ class StepRecorder(pl.Callback):
         config = record.directory / "config.yaml"  # LightningCLI's SaveConfigCallback
         if config.is_file():
             record.add_output("config", config, kind="params")
+        for path in sorted(record.directory.glob("*.png")):  # PlotCallback's parity plots and learning curve
+            record.add_output(f"plot:{path.stem}", path, kind="plot")

@@ -37,6 +37,7 @@ from matsciml.provenance import require_clean_checkout
 from matsciml.slurm import job_identity, pin_run_to_job
 from matsciml.step_recorder import StepRecorder
 from matsciml.tasks.base import AtomisticTask
+from matsciml.tasks.plots import PlotCallback
 from matsciml.tasks.predictions import PredictionWriter
 from matsciml.tasks.report import MetricsReport
 
@@ -113,7 +114,7 @@ def run(argv: list[str], extra_callbacks: list | None = None) -> None:
         # Lightning's CSVLogger, appending to metrics.csv when a run continues in its folder
         "logger": {"class_path": "matsciml.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
         # checkpoints/last.ckpt always names the newest checkpoint of a run
-        "callbacks": [ModelCheckpoint(save_last=True)],
+        "callbacks": [ModelCheckpoint(save_last=True), PlotCallback()],  # PNGs: parity plots, learning curve
     }
     # LightningCLI reads sys.argv (given args next to a command line earn a warning), so
     # present argv as the command line for the duration of the run.
