@@ -13,7 +13,6 @@ ranking of the 50th and 51st neighbour swaps; for dynamics that must conserve en
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
@@ -32,20 +31,12 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def load_task(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> AtomisticTask:
     """The task saved in a Lightning checkpoint (CLI or Python), loaded weights-only, in eval mode.
 
-    The task class comes from the checkpoint's ``_class_path`` (written by the CLI), else from
-    its hyper-parameters (``regress_forces`` means S2EF); only matsciml's tasks are imported.
+    The task class is resolved as for exports (:func:`matsciml.export.checkpoint_task_path`):
+    only ``matsciml.tasks`` classes are imported.
     """
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
-    if "model" not in hparams:
-        raise ValueError(f"{checkpoint}: not a matsciml task checkpoint (no model spec in its hyper-parameters)")
-    class_path = hparams.get("_class_path") or (
-        "matsciml.tasks.S2EFTask" if "regress_forces" in hparams else "matsciml.tasks.IS2RETask")
-    module, _, name = class_path.rpartition(".")
-    if not module.startswith("matsciml."):
-        raise ValueError(f"{checkpoint}: task class {class_path!r} is not one of matsciml's")
-    cls = getattr(importlib.import_module(module), name, None)
-    if not (isinstance(cls, type) and issubclass(cls, AtomisticTask)):
-        raise ValueError(f"{checkpoint}: {class_path!r} is not an AtomisticTask")
+    from matsciml.export import checkpoint_task_path, read_checkpoint, task_class_from_path
+
+    cls = task_class_from_path(checkpoint_task_path(read_checkpoint(checkpoint)["hyper_parameters"]))
     task = cls.load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
     return task.eval()
 

@@ -38,18 +38,15 @@ class ExportError(ValueError):
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A Lightning checkpoint written by ``matsciml fit``, read weights-only."""
+    """A Lightning checkpoint of a matsciml task (from ``matsciml fit`` or a bare Trainer), read weights-only."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     checkpoint = _weights_only_load(path, f"{path} is not a readable PyTorch checkpoint (weights-only)")
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     spec = hparams.get("model") if isinstance(hparams, dict) else None
-    # the task class (_class_path) is stored by LightningCLI (matsciml fit), not by a bare Trainer
-    if not (isinstance(spec, dict) and "class_path" in spec and "_class_path" in hparams
-            and "state_dict" in checkpoint):
-        raise ExportError(f"{path} is not a matsciml checkpoint: it has no hyper_parameters.model spec or task "
-                          "class (export checkpoints written by `matsciml fit`)")
+    if not (isinstance(spec, dict) and "class_path" in spec and "state_dict" in checkpoint):
+        raise ExportError(f"{path} is not a matsciml checkpoint: it has no weights or no hyper_parameters.model spec")
     return checkpoint
 
 
@@ -80,12 +77,21 @@ def _plain(value: Any, where: str) -> Any:
 def model_description(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """``model.json``: the task class with its init arguments and the model spec."""
     hparams = checkpoint["hyper_parameters"]
-    task_class = task_class_from_path(hparams["_class_path"])
+    class_path = checkpoint_task_path(hparams)
+    task_class = task_class_from_path(class_path)
     accepted = set(inspect.signature(task_class.__init__).parameters) - {"self", "model"}
     init_args = {k: _plain(v, k) for k, v in hparams.items() if k in accepted}
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "task": {"class_path": hparams["_class_path"], "init_args": init_args},
+            "task": {"class_path": class_path, "init_args": init_args},
             "model": _plain(hparams["model"], "model")}
+
+
+def checkpoint_task_path(hparams: dict[str, Any]) -> str:
+    """The task class of a checkpoint's hyper-parameters: ``_class_path`` where LightningCLI
+    (``matsciml fit``) stored it; a bare Trainer's checkpoint has none, and only S2EF takes
+    ``regress_forces``."""
+    return hparams.get("_class_path") or (
+        "matsciml.tasks.S2EFTask" if "regress_forces" in hparams else "matsciml.tasks.IS2RETask")
 
 
 def task_class_from_path(class_path: str) -> type[AtomisticTask]:

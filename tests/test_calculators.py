@@ -137,8 +137,23 @@ def test_md_conserves_energy_and_never_returns_nan(checkpoint):
 def test_refuses_foreign_checkpoints(tmp_path):
     path = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, path)
-    with pytest.raises(ValueError, match="not a matsciml task checkpoint"):
+    with pytest.raises(ValueError, match="is not a matsciml checkpoint"):
         load_task(path)
-    torch.save({"hyper_parameters": {"model": {}, "_class_path": "os.system"}}, path)
-    with pytest.raises(ValueError, match="is not one of matsciml's"):
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": {"class_path": "x"}, "_class_path": "os.system"}},
+               path)
+    with pytest.raises(ValueError, match="unknown task class 'os.system'"):
         load_task(path)
+
+
+def test_exported_package_gives_the_checkpoints_results(checkpoint, tmp_path):
+    from matsciml.export import export_package
+
+    export_package(checkpoint, tmp_path / "model.msml")  # a bare Trainer's checkpoint exports too
+    atoms = devset_atoms(count=1)[0]
+    results = []
+    package = tmp_path / "model.msml"
+    for calc in (MatSciMLCalculator.from_checkpoint(checkpoint), MatSciMLCalculator.from_package(package)):
+        atoms.calc = calc
+        results.append((atoms.get_potential_energy(), atoms.get_forces()))
+    assert results[0][0] == results[1][0]
+    np.testing.assert_array_equal(results[0][1], results[1][1])
