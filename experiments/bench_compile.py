@@ -108,11 +108,11 @@ def main() -> None:
     s2ef, s2ef_stats = batches_of(S2EFDataModule, args.batch_size, args.batches, device)
     for model in args.models:
         cls = MODELS[model]
-        compare(f"{model} IS2RE train step", lambda c: IS2RETask(cls(), statistics=is2re_stats,
-                                                                 compile=options if c else False).train(),
+        compare(f"{model} IS2RE train step", lambda c, cls=cls: IS2RETask(cls(), statistics=is2re_stats,
+                                                                          compile=options if c else False).train(),
                 train_step, is2re, args.rounds, device)
-        compare(f"{model} S2EF energy+forces", lambda c: S2EFTask(cls(), statistics=s2ef_stats,
-                                                                  compile=options if c else False).eval(),
+        compare(f"{model} S2EF energy+forces", lambda c, cls=cls: S2EFTask(cls(), statistics=s2ef_stats,
+                                                                           compile=options if c else False).eval(),
                 evaluate, s2ef, args.rounds, device)
         torch._dynamo.reset()
 

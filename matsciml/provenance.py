@@ -52,7 +52,7 @@ def require_clean_checkout() -> None:
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -60,7 +60,8 @@ def summarize(record: dict[str, Any], record_file: Path) -> dict[str, Any]:
     model = (task.get("init_args") or {}).get("model") or {}
     git = (record.get("code") or {}).get("git") or {}
     row = {
-        "run": _run_name(record_file), "step": record["step"], "status": record["status"], "task": _short(task.get("class_path")),
+        "run": _run_name(record_file), "step": record["step"], "status": record["status"],
+        "task": _short(task.get("class_path")),
         "model": _short(model.get("class_path")), "seed": config.get("seed_everything"),
         "started_at": record["started_at"], "duration_s": record["duration_s"],
         "world_size": record["environment"].get("world_size"), "commit": (git.get("commit") or "")[:12] or None,
@@ -133,7 +134,7 @@ def with_plus_minus(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 
 # -- DVC -----------------------------------------------------------------------------------------
-#: where each step's results go in a DVC stage: outs (cached) and metrics (kept in git)
+#: steps run by the LightningCLI: their results live in a run folder (checkpoints, metrics.json)
 _LIGHTNING_STEPS = ("fit", "validate", "test", "predict")
 
 

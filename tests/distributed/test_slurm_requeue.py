@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed.test_ddp import base_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +55,8 @@ def test_requeued_job_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
 
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"Restoring states from the checkpoint path at {run_dir / 'hpc_ckpt_1.ckpt'}" in second.stderr + second.stdout
+    restored = f"Restoring states from the checkpoint path at {run_dir / 'hpc_ckpt_1.ckpt'}"
+    assert restored in second.stderr + second.stdout
     assert [p.name for p in run_dir.parent.iterdir()] == ["slurm-777"]  # one run, not one per start
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == EPOCHS * BATCHES and last["epoch"] == EPOCHS - 1
