@@ -205,35 +205,46 @@ def test_cli_main_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     assert "nope.xyz: no such file or folder" in capsys.readouterr().err
 
 
-# Reads one frame per unit, slowly, so the run is still writing when Ctrl-C arrives.
+# Reads one frame per unit; once a shard is written it says so in the marker file and then
+# blocks, so the conversion is certainly still running when Ctrl-C arrives, however loaded the machine.
 _SLOW_CONVERT = """
-import sys, time
+import os, sys, time
+from pathlib import Path
 from matsciml import cli
 from matsciml.data.formats import ase_io, lmdb_shards
 ase_io.FRAMES_PER_UNIT = 1
 read_unit = ase_io.read_unit
-def slow_read_unit(unit, task):
-    time.sleep(0.05)
+marker = Path(os.environ["MARKER"])
+calls = 0
+def blocking_read_unit(unit, task):
+    global calls
+    calls += 1
+    if calls > 6:  # past the first shard of 5 records
+        marker.write_text("writing")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.01)  # Ctrl-C lands here
+        raise RuntimeError("no Ctrl-C arrived")
     return read_unit(unit, task)
-ase_io.read_unit = slow_read_unit
+ase_io.read_unit = blocking_read_unit
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
 def test_ctrl_c_leaves_no_dataset(inputs, tmp_path):
-    destination = tmp_path / "interrupted"
+    destination, marker = tmp_path / "interrupted", tmp_path / "writing"
     process = subprocess.Popen(
         [sys.executable, "-c", _SLOW_CONVERT, "data", "convert", str(inputs["extxyz"]), str(inputs["traj"]),
          str(inputs["db"]), str(destination), "--task", "s2ef", "--records-per-shard", "5"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "MARKER": str(marker)},
     )
-    deadline = time.monotonic() + 60
-    while not leftovers(destination) and process.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert leftovers(destination), "the conversion never started writing"
-    time.sleep(0.3)  # a few shards in
+    assert marker.exists(), f"the conversion never got past its first shard: {process.communicate()[1][-2000:]}"
+    assert leftovers(destination), "a shard is written, so the partial folder must exist"
     os.kill(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr
     assert not destination.exists() and leftovers(destination) == []

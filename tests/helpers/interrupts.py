@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,6 +15,9 @@ class SignalAtStep(pl.Callback):
 
     SIGUSR1 plays SLURM's warning before preemption (``#SBATCH --signal=SIGUSR1@90``; the marker
     lets the requeued job, the same command line, run to the end); SIGINT plays Ctrl-C.
+
+    After SIGINT the callback waits for the ``KeyboardInterrupt``: Python runs signal handlers at
+    some later bytecode, and on a loaded machine training could otherwise finish before that.
     """
 
     def __init__(self, step: int, marker: str, signal: str = "SIGUSR1"):
@@ -23,6 +27,11 @@ class SignalAtStep(pl.Callback):
         if trainer.global_step == self.step and not self.marker.exists():
             self.marker.write_text(str(self.step))
             os.kill(os.getpid(), getattr(signal, self.signal))
+            if self.signal == "SIGINT":
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)  # the KeyboardInterrupt is raised here
+                raise RuntimeError("SIGINT was sent but no KeyboardInterrupt arrived")
 
 
 class RaiseAtStep(pl.Callback):
