@@ -31,6 +31,7 @@ Usage::
     python experiments/bench_train.py --quick          # smoke run (< 1 min)
     python experiments/bench_train.py --profile        # and where MegNet's step spends its time
     python experiments/bench_train.py --device cuda     # on a GPU machine
+    python experiments/bench_train.py --models egnn --tasks s2ef --no-compare --max-neighbors 50  # capped graphs
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 MODELS: dict[str, type] = {"egnn": EGNN, "megnet": MegNet, "gala": Gala}
 TASKS = {"s2ef": (S2EFDataModule, S2EFTask), "is2re": (IS2REDataModule, IS2RETask)}
+# radius-graph settings of the data modules (--max-neighbors); set before the children are forked
+GRAPH: dict[str, Any] = {}
 MATGL = "matgl-megnet"
 MiB = 1024 * 1024
 
@@ -145,7 +148,9 @@ def _sync(device: torch.device) -> None:
 def load_batches(task: str, batch_size: int, count: int, representation: str, device: torch.device
                  ) -> tuple[list[Batch], Any]:
     """The first ``count`` batches of the devset's train split, collated, on ``device``."""
-    datamodule = TASKS[task][0].from_devset(batch_size=batch_size, representation=representation, shuffle=False)
+    graph = GRAPH if representation == "graph" else {}
+    datamodule = TASKS[task][0].from_devset(batch_size=batch_size, representation=representation, shuffle=False,
+                                            **graph)
     datamodule.setup("fit")
     batches = []
     for batch in datamodule.train_dataloader():
@@ -491,8 +496,11 @@ def main() -> None:
     parser.add_argument("--compare-steps", type=int, default=8, help="timed steps of each model in the comparison")
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison with matgl")
     parser.add_argument("--profile", action="store_true", help="also profile our MegNet's S2EF step")
+    parser.add_argument("--max-neighbors", type=int, default=None,
+                        help="neighbour cap of the radius graphs (default: none, as the data modules)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, one round, small Gala batch")
     args = parser.parse_args()
+    GRAPH["max_neighbors"] = args.max_neighbors
     sys.stdout.reconfigure(line_buffering=True)  # keep stdout in order with the children's progress on stderr
     if args.quick:
         args.steps, args.warmup, args.rounds = 2, 1, 1

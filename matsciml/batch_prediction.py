@@ -22,7 +22,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 from rich.console import Console
 
-from matsciml.data.neighbors import DEFAULT_MAX_NEIGHBORS
+from matsciml.calculators import TRAINED, MaxNeighbors, inference_graph
 from matsciml.data.progress import progress_bar
 from matsciml.data.structures import batch_from_atoms
 from matsciml.tasks.base import AtomisticTask
@@ -39,17 +39,10 @@ def load_any(model: str | os.PathLike, device: str = "cpu") -> AtomisticTask:
     return load_model(model, device=device)
 
 
-def _collate(structures: list[Atoms], cutoff: float | None, max_neighbors: int | None, representation: str):
-    graph = {"cutoff": cutoff} if representation == "graph" else {}
-    return batch_from_atoms(structures, max_neighbors=max_neighbors, representation=representation, **graph)
-
-
 def _batches(task: AtomisticTask, structures: Sequence[Atoms], batch_size: int, num_workers: int,
-             max_neighbors: int | None) -> Iterator[list[Atoms]]:
+             max_neighbors: MaxNeighbors) -> Iterator[list[Atoms]]:
     """Copies of ``structures`` with results, one batch at a time."""
-    model = task.model
-    collate = functools.partial(_collate, cutoff=getattr(model, "cutoff", None), max_neighbors=max_neighbors,
-                                representation=model.representation)
+    collate = functools.partial(batch_from_atoms, **inference_graph(task, max_neighbors))
     loader = torch.utils.data.DataLoader(list(structures), batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate)
     device = next(task.parameters()).device
@@ -73,8 +66,12 @@ def _batches(task: AtomisticTask, structures: Sequence[Atoms], batch_size: int, 
 
 
 def predict_atoms(task: AtomisticTask, structures: Sequence[Atoms], batch_size: int = 8, num_workers: int = 0,
-                  max_neighbors: int | None = DEFAULT_MAX_NEIGHBORS) -> list[Atoms]:
-    """Copies of ``structures`` with the task's energy (eV) and, for S2EF, forces (eV/Å)."""
+                  max_neighbors: MaxNeighbors = TRAINED) -> list[Atoms]:
+    """Copies of ``structures`` with the task's energy (eV) and, for S2EF, forces (eV/Å).
+
+    ``max_neighbors``: as for :class:`~matsciml.calculators.MatSciMLCalculator` (default: the
+    graph the task was trained on; a cap warns once per call).
+    """
     task = task.eval()
     return [atoms for batch in _batches(task, structures, batch_size, num_workers, max_neighbors) for atoms in batch]
 
@@ -84,7 +81,7 @@ def _progress_file(partial: Path) -> Path:
 
 
 def predict_files(task: AtomisticTask, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                  batch_size: int = 8, num_workers: int = 0, max_neighbors: int | None = DEFAULT_MAX_NEIGHBORS,
+                  batch_size: int = 8, num_workers: int = 0, max_neighbors: MaxNeighbors = TRAINED,
                   progress: bool = True) -> int:
     """Predict every structure of ``inputs`` (any ASE-readable files) into the extxyz file ``out``.
 

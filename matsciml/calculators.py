@@ -1,31 +1,67 @@
 """An ASE calculator around a trained task: energies, forces and stress for any ``Atoms``.
 
 :class:`MatSciMLCalculator` turns the Atoms into a batch the way training data were turned
-(:func:`matsciml.data.structures.batch_from_atoms`: the model's cutoff, the data's neighbour cap,
-the model's representation) and runs the task's forward pass, so it predicts what ``predict``
-would. Forces are ``-dE/dx`` and stress ``(1/V) dE/dstrain`` (ASE's convention), both from the
-task's single autograd pass.
+(:func:`matsciml.data.structures.batch_from_atoms` with the cutoff and neighbour cap recorded in
+the task, the model's representation) and runs the task's forward pass, so it predicts what
+``predict`` would. Forces are ``-dE/dx`` and stress ``(1/V) dE/dstrain`` (ASE's convention), both
+from the task's single autograd pass.
 
-The neighbour cap (50 per atom by default, as in training) makes the energy jump where the
-ranking of the 50th and 51st neighbour swaps; for dynamics that must conserve energy, pass
-``max_neighbors=None``, which evaluates the same model on every neighbour within the cutoff.
+By default the graph holds every neighbour within the cutoff. A task trained with a neighbour cap
+(``data.max_neighbors``, e.g. the OC20 baselines' 50) is evaluated with that cap, with a warning:
+its energy jumps where the last kept and the first dropped neighbour swap rank. Pass
+``max_neighbors=None`` to evaluate the same model on every neighbour (a smooth surface, for
+dynamics that must conserve energy), or an integer for another cap.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import warnings
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-from matsciml.data.neighbors import DEFAULT_MAX_NEIGHBORS
 from matsciml.data.structures import batch_from_atoms
 from matsciml.tasks.base import AtomisticTask
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: ``max_neighbors`` value meaning "as the task was trained" (its recorded graph; no cap if none)
+TRAINED = "trained"
+MaxNeighbors = int | None | Literal["trained"]
+
+
+def inference_graph(task: AtomisticTask, max_neighbors: MaxNeighbors = TRAINED) -> dict[str, Any]:
+    """Keyword arguments of :func:`~matsciml.data.structures.batch_from_atoms` for ``task``.
+
+    Graph models get the cutoff recorded at training (the model's cutoff for tasks without a
+    record) and the recorded neighbour cap unless ``max_neighbors`` overrides it; tasks saved
+    before the record existed get no cap. Warns when the resulting graph is capped.
+
+    Args:
+        task: the trained task.
+        max_neighbors: ``"trained"`` (default): as recorded; ``None``: every neighbour within the
+            cutoff; an integer: that cap.
+    """
+    if not (max_neighbors is None or max_neighbors == TRAINED
+            or (isinstance(max_neighbors, int) and not isinstance(max_neighbors, bool) and max_neighbors >= 1)):
+        raise ValueError(f"max_neighbors must be 'trained', None or a positive integer, got {max_neighbors!r}")
+    model = task.model
+    if model.representation != "graph":
+        return {"representation": model.representation}
+    recorded = getattr(task, "graph", None) or {}
+    cutoff = recorded.get("cutoff", getattr(model, "cutoff", None))
+    cap = recorded.get("max_neighbors") if max_neighbors == TRAINED else max_neighbors
+    if cap is not None:
+        warnings.warn(f"matsciml: the radius graph keeps only the {cap} nearest neighbours per atom "
+                      f"(cutoff {cutoff} Å): energies and forces jump where neighbours swap rank; pass "
+                      "max_neighbors=None (CLI: --max-neighbors 0) for a continuous surface", stacklevel=3)
+    graph = {"representation": "graph", "max_neighbors": cap}
+    if cutoff is not None:
+        graph["cutoff"] = cutoff
+    return graph
 
 
 def load_task(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> AtomisticTask:
@@ -49,8 +85,9 @@ class MatSciMLCalculator(Calculator):
         device: where to run it.
         dtype: ``"float32"`` (as trained) or ``"float64"`` (the model's weights cast up; for
             finite-difference checks and tight relaxations).
-        max_neighbors: neighbour cap of the radius graph; the training data's default, or
-            ``None`` for every neighbour within the cutoff (a smooth energy surface).
+        max_neighbors: neighbour cap of the radius graph: ``"trained"`` (default) as recorded in
+            the task (no cap unless it was trained with one; a cap warns), ``None`` for every
+            neighbour within the cutoff (a smooth energy surface), or an integer.
 
     Properties: ``energy`` (and ``free_energy``, the same); ``forces`` for S2EF tasks that
     regress forces; ``stress`` for tasks trained with ``regress_stress``. An IS2RE task predicts
@@ -58,17 +95,14 @@ class MatSciMLCalculator(Calculator):
     """
 
     def __init__(self, task: AtomisticTask, device: str | torch.device = "cpu", dtype: str = "float32",
-                 max_neighbors: int | None = DEFAULT_MAX_NEIGHBORS, **kwargs: Any):
+                 max_neighbors: MaxNeighbors = TRAINED, **kwargs: Any):
         super().__init__(**kwargs)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.dtype = _DTYPES[dtype]
         self.device = torch.device(device)
         self.task = task.to(device=self.device, dtype=self.dtype).eval()
-        self.max_neighbors = max_neighbors
-        model = task.model
-        self.cutoff = getattr(model, "cutoff", None)
-        self.representation = model.representation
+        self.graph = inference_graph(task, max_neighbors)  # warns once here if capped, not per call
         properties = ["energy", "free_energy"]
         if getattr(task, "regress_forces", False):
             properties.append("forces")
@@ -99,9 +133,7 @@ class MatSciMLCalculator(Calculator):
                 f"{type(self.task).__name__} does not predict {', '.join(missing)} "
                 f"(it predicts {', '.join(self.implemented_properties)})")
         super().calculate(atoms, properties, system_changes)
-        graph = {"cutoff": self.cutoff} if self.representation == "graph" else {}
-        batch = batch_from_atoms(self.atoms, max_neighbors=self.max_neighbors, dtype=self.dtype,
-                                 representation=self.representation, **graph).to(self.device)
+        batch = batch_from_atoms(self.atoms, dtype=self.dtype, **self.graph).to(self.device)
         out = self.task(batch)  # forces and stress need autograd: no torch.no_grad here
         energy = float(out["energy"].detach()[0])
         self.results = {"energy": energy, "free_energy": energy}

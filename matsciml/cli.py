@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--task", choices=("s2ef", "is2re"), help="require this task's targets")
     check.add_argument("--batch-size", type=_positive, default=8)
     check.add_argument("--cutoff", type=float, default=6.0, help="radius graph cutoff in Å")
-    check.add_argument("--max-neighbors", type=_positive, default=50)
+    check.add_argument("--max-neighbors", type=_positive, default=None,
+                       help="keep only this many nearest neighbours per atom (default: every pair within the cutoff)")
     check.add_argument("--num-workers", type=_count, default=0)
     check.add_argument("--limit", type=_positive, help="stop after this many structures")
     check.set_defaults(func=_cmd_data_check)
@@ -333,10 +334,17 @@ def _cmd_predict_structures(args: argparse.Namespace) -> None:
     with recorded(record):
         task = load_any(args.model, device=args.device)
         count = predict_files(task, args.inputs, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
-                              max_neighbors=args.max_neighbors or None)
+                              max_neighbors=_max_neighbors(args.max_neighbors))
         record.add_output("predictions", args.out, kind="predictions")
         record.set_metrics(final={"structures": count})
     print(f"matsciml: wrote {count} structures with energies and forces to {args.out}")
+
+
+def _max_neighbors(value: int | None) -> int | str | None:
+    """``--max-neighbors``: absent -> as trained, 0 -> no cap, N -> N."""
+    from matsciml.calculators import TRAINED
+
+    return TRAINED if value is None else value or None
 
 
 def _add_predict_structures_command(commands: argparse._SubParsersAction) -> None:
@@ -348,7 +356,9 @@ def _add_predict_structures_command(commands: argparse._SubParsersAction) -> Non
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--num-workers", type=_count, default=0, help="DataLoader processes building graphs")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    parser.add_argument("--max-neighbors", type=_count, default=50, help="neighbour cap as in training; 0: none")
+    parser.add_argument("--max-neighbors", type=_count, default=None,
+                        help="neighbour cap (default: as recorded at training, none for models trained without "
+                             "one); 0: every neighbour within the cutoff")
     parser.set_defaults(func=_cmd_predict_structures)
 
 

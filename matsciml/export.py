@@ -232,7 +232,7 @@ def model_card(task: AtomisticTask, checkpoint: dict[str, Any], checkpoint_path:
         "architecture": type(task.model).__name__, "model_class": task.model.spec()["class_path"],
         "parameters": task.model.num_parameters(), "cutoff": getattr(task.model, "cutoff", None),
         "representation": task.model.representation, "elements": task.species, "task": task.task,
-        "outputs": outputs, "units": UNITS,
+        "outputs": outputs, "units": UNITS, "radius_graph": _radius_graph_card(task),
         "normalization": {"note": "the energy normaliser (shift, scale, element references) is buffers in the "
                                   "weights: predictions come out in eV with no other file",
                           "shift": float(task.normalizer.shift), "scale": float(task.normalizer.scale)},
@@ -241,6 +241,17 @@ def model_card(task: AtomisticTask, checkpoint: dict[str, Any], checkpoint_path:
                        "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")},
         "exported_by": provenance.code_version(), "created_at": provenance.now(),
     }
+
+
+def _radius_graph_card(task: AtomisticTask) -> dict[str, Any] | None:
+    """The training graph (cutoff, neighbour cap), which inference reuses; ``None`` if unrecorded."""
+    graph = getattr(task, "graph", None)
+    if graph is None:
+        return None
+    capped = graph["max_neighbors"] is not None
+    note = ("capped: energies and forces jump where neighbours swap rank; load with max_neighbors=None for a "
+            "continuous surface" if capped else "every neighbour within the cutoff: a continuous surface")
+    return {**graph, "note": note}
 
 
 def package_files(checkpoint_path: Path, intended_use: str | None = None) -> dict[str, bytes]:

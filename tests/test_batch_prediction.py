@@ -1,5 +1,7 @@
 """Batch prediction: over Atoms from Python, and file to file with resume."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,42 @@ def test_cli_writes_extxyz_and_a_record(checkpoint, structures, tmp_path, capsys
     record = load_record(tmp_path / "out.extxyz.step.json")
     assert record["status"] == "COMPLETED" and record["metrics"]["final"]["structures"] == 5
     assert record["outputs"][0]["kind"] == "predictions"
+
+
+@pytest.fixture(scope="module")
+def capped_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(S2EFTask(tiny_egnn()), datamodule=S2EFDataModule.from_devset(batch_size=4, max_neighbors=12))
+    path = tmp_path_factory.mktemp("bp_capped") / "capped.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_predict_atoms_uses_the_recorded_cap_with_one_warning(capped_checkpoint, structures):
+    task = load_task(capped_checkpoint)
+    with pytest.warns(UserWarning, match="12 nearest") as caught:
+        capped = predict_atoms(task, structures[:4], batch_size=2)
+    assert len([w for w in caught if "nearest" in str(w.message)]) == 1  # once per call, not per batch
+    explicit = predict_atoms(task, structures[:4], max_neighbors=None)
+    assert all(a.get_potential_energy() != b.get_potential_energy() for a, b in zip(capped, explicit, strict=True))
+    with pytest.warns(UserWarning, match="12 nearest"):
+        calc = MatSciMLCalculator.from_checkpoint(capped_checkpoint)
+    atoms = structures[0].copy()
+    atoms.calc = calc
+    assert capped[0].get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-5)
+
+
+def test_cli_max_neighbors_zero_removes_the_recorded_cap(capped_checkpoint, structures, tmp_path):
+    from matsciml.cli import main
+
+    write(tmp_path / "in.extxyz", structures[:2])
+    arguments = ["predict-structures", str(capped_checkpoint), str(tmp_path / "in.extxyz"), "--out"]
+    with pytest.warns(UserWarning, match="12 nearest"):
+        assert main([*arguments, str(tmp_path / "capped.extxyz")]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([*arguments, str(tmp_path / "all.extxyz"), "--max-neighbors", "0"]) == 0
+    reference = predict_atoms(load_task(capped_checkpoint), structures[:2], max_neighbors=None)
+    for atoms, expected in zip(read(tmp_path / "all.extxyz", index=":"), reference, strict=True):
+        assert atoms.get_potential_energy() == pytest.approx(expected.get_potential_energy(), rel=1e-6)

@@ -1,5 +1,7 @@
 """The ASE calculator: agrees with predict, is a consistent potential, relaxes and runs MD."""
 
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from helpers.training import quiet_trainer, tiny_egnn
 from matsciml.calculators import MatSciMLCalculator, load_task
 from matsciml.data.datamodules import IS2REDataModule, S2EFDataModule
 from matsciml.data.devsets import devset_path
+from matsciml.export import export_package
 from matsciml.tasks import IS2RETask, S2EFTask
 
 
@@ -157,3 +160,80 @@ def test_exported_package_gives_the_checkpoints_results(checkpoint, tmp_path):
         results.append((atoms.get_potential_energy(), atoms.get_forces()))
     assert results[0][0] == results[1][0]
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+@pytest.fixture(scope="module")
+def capped_checkpoint(tmp_path_factory) -> Path:
+    """As ``checkpoint``, but trained on graphs capped at 12 neighbours (devset atoms have ~40-80)."""
+    torch.manual_seed(0)
+    datamodule = S2EFDataModule.from_devset(batch_size=4, shuffle=False, max_neighbors=12)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(S2EFTask(tiny_egnn(), lr=3e-3), datamodule=datamodule)
+    path = tmp_path_factory.mktemp("capped") / "capped.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def _energy(calc, atoms):
+    atoms = atoms.copy()
+    atoms.calc = calc
+    return atoms.get_potential_energy()
+
+
+def test_checkpoints_record_the_training_graph(checkpoint, capped_checkpoint):
+    assert load_task(checkpoint).graph == {"cutoff": 6.0, "max_neighbors": None}
+    assert load_task(capped_checkpoint).graph == {"cutoff": 6.0, "max_neighbors": 12}
+
+
+def test_the_recorded_cap_is_used_with_a_warning_unless_overridden(capped_checkpoint):
+    atoms = devset_atoms(count=1)[0]
+    with pytest.warns(UserWarning, match="only the 12 nearest neighbours.*max_neighbors=None"):
+        as_trained = _energy(MatSciMLCalculator.from_checkpoint(capped_checkpoint), atoms)
+    with pytest.warns(UserWarning, match="12 nearest"):
+        explicit = _energy(MatSciMLCalculator.from_checkpoint(capped_checkpoint, max_neighbors=12), atoms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cap, no warning
+        uncapped = _energy(MatSciMLCalculator.from_checkpoint(capped_checkpoint, max_neighbors=None), atoms)
+    assert as_trained == explicit and abs(as_trained - uncapped) > 1e-6
+    with pytest.raises(ValueError, match="max_neighbors must be 'trained', None or a positive integer"):
+        MatSciMLCalculator.from_checkpoint(capped_checkpoint, max_neighbors=0)
+
+
+def test_a_checkpoint_without_a_graph_record_gets_no_cap(capped_checkpoint, tmp_path):
+    saved = torch.load(capped_checkpoint, map_location="cpu", weights_only=True)
+    del saved["hyper_parameters"]["graph"]  # as written before tasks recorded their graph
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+    atoms = devset_atoms(count=1)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calc = MatSciMLCalculator.from_checkpoint(old)
+        assert calc.graph == {"representation": "graph", "max_neighbors": None, "cutoff": 6.0}
+        energy = _energy(calc, atoms)
+    with pytest.warns(UserWarning):
+        capped = _energy(MatSciMLCalculator.from_checkpoint(capped_checkpoint), atoms)
+    assert energy == _energy(MatSciMLCalculator.from_checkpoint(capped_checkpoint, max_neighbors=None), atoms)
+    assert energy != capped
+
+
+def test_exported_packages_carry_the_graph_in_model_json_and_card(capped_checkpoint, tmp_path):
+    out = export_package(capped_checkpoint, tmp_path / "pkg")
+    description = json.loads((out / "model.json").read_text())
+    assert description["task"]["init_args"]["graph"] == {"cutoff": 6.0, "max_neighbors": 12}
+    card = json.loads((out / "card.json").read_text())
+    assert card["radius_graph"]["max_neighbors"] == 12 and "jump" in card["radius_graph"]["note"]
+    atoms = devset_atoms(count=1)[0]
+    with pytest.warns(UserWarning, match="12 nearest"):
+        from_package = _energy(MatSciMLCalculator.from_package(out), atoms)
+    with pytest.warns(UserWarning, match="12 nearest"):
+        assert from_package == pytest.approx(_energy(MatSciMLCalculator.from_checkpoint(capped_checkpoint), atoms),
+                                             abs=1e-6)
+
+
+def test_training_on_other_graphs_than_recorded_is_refused():
+    task = S2EFTask(tiny_egnn(), graph={"cutoff": 6.0, "max_neighbors": None})
+    datamodule = S2EFDataModule.from_devset(batch_size=4, max_neighbors=12)
+    with pytest.raises(ValueError, match="trained on radius graphs .* but the data module builds"):
+        quiet_trainer(max_epochs=1, limit_train_batches=1).fit(task, datamodule=datamodule)
+    with pytest.raises(ValueError, match="graph.max_neighbors must be a positive integer or None"):
+        S2EFTask(tiny_egnn(), graph={"cutoff": 6.0, "max_neighbors": 0})

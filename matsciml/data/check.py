@@ -57,7 +57,7 @@ def check_dataset(
     console.print(
         f"[green]checked[/green] {totals['structures']:,} structures, {totals['atoms']:,} atoms, "
         f"{totals['edges']:,} edges ({totals['edges'] / max(totals['atoms'], 1):.1f} neighbours per atom, "
-        f"cutoff {cutoff} Å, max_neighbors {max_neighbors}) in {totals['seconds']:.2f} s "
+        f"cutoff {cutoff} Å, max_neighbors {max_neighbors or 'all'}) in {totals['seconds']:.2f} s "
         f"({rate:,.0f} structures/s, {torch.get_num_threads()} torch threads): no problems found"
     )
     return totals

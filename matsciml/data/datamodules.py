@@ -45,7 +45,10 @@ class AtomisticDataModule(pl.LightningDataModule):
         graph_backend: batch type of graph loaders: ``"native"`` (our ``Batch``), ``"dgl"``
             (a batched ``dgl.DGLGraph``) or ``"pyg"`` (a ``torch_geometric`` ``Batch``); see docs/backends.md.
         cutoff: radius-graph cutoff in Å.
-        max_neighbors: neighbours kept per atom, nearest first.
+        max_neighbors: neighbours kept per atom, nearest first; ``None`` (default): every pair
+            within the cutoff. A cap (the OC20 baselines used 50 at 6 Å) falls inside coordination
+            shells, so energies jump where neighbours swap rank; a task records it and applies it at
+            inference, with a warning.
         num_subsurface: sub-surface atoms sampled into each point cloud.
         num_species: one-hot width of point-cloud features (atomic numbers 1..num_species).
         transforms: extra record transforms, applied before the graph is built.

@@ -47,6 +47,8 @@ def batch_from_atoms(
     and keeps every atom (no sub-surface sampling: a calculator needs forces on all atoms);
     ``cutoff`` and ``max_neighbors`` are then unused.
 
+    ``max_neighbors`` defaults to none (every pair within ``cutoff``), as in the data modules.
+
     Positions keep their full precision when ``dtype`` is float64 (records store float32,
     but here the Atoms' own coordinates are used).
     """

@@ -33,6 +33,18 @@ def _compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None
     raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
 
 
+def _graph_record(graph: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"cutoff": float, "max_neighbors": int | None}``, checked."""
+    if not isinstance(graph, Mapping) or set(graph) != {"cutoff", "max_neighbors"}:
+        raise ValueError(f"graph must be a dict with keys 'cutoff' and 'max_neighbors', got {graph!r}")
+    cutoff, cap = graph["cutoff"], graph["max_neighbors"]
+    if isinstance(cutoff, bool) or not isinstance(cutoff, int | float) or cutoff <= 0:
+        raise ValueError(f"graph.cutoff must be a positive number of Å, got {cutoff!r}")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"graph.max_neighbors must be a positive integer or None, got {cap!r}")
+    return {"cutoff": float(cutoff), "max_neighbors": cap}
+
+
 class AtomisticTask(pl.LightningModule):
     """Base of :class:`~matsciml.tasks.S2EFTask` and :class:`~matsciml.tasks.IS2RETask`.
 
@@ -51,6 +63,10 @@ class AtomisticTask(pl.LightningModule):
             as graph sizes change every batch) or a dict of ``torch.compile`` keyword arguments
             (``backend``, ``mode``, ...). ``torch.compile`` refuses double backward, so passes that
             train on forces (S2EF training) stay eager; everything else runs compiled.
+        graph: ``{"cutoff", "max_neighbors"}`` of the radius graph the task was trained on; when
+            ``None``, taken from the trainer's datamodule in ``setup("fit")``. Saved in checkpoints
+            and exports; the calculator and batch prediction build the same graph (see
+            :func:`matsciml.calculators.inference_graph`). ``None`` after training: point clouds.
     """
 
     task: ClassVar[str]
@@ -72,6 +88,7 @@ class AtomisticTask(pl.LightningModule):
         normalize: bool = True,
         loss: LossName = "l1",
         compile: bool | dict[str, Any] = False,
+        graph: dict[str, Any] | None = None,
     ):
         super().__init__()
         if isinstance(model, Mapping):
@@ -88,6 +105,7 @@ class AtomisticTask(pl.LightningModule):
         self.lr, self.gamma, self.normalize, self.loss_name = lr, gamma, normalize, loss
         self.compile_options = _compile_options(compile)
         self.species = None if species is None else sorted(int(z) for z in species)
+        self.graph = None if graph is None else _graph_record(graph)
         self._check_species()
         self.normalizer = EnergyNormalizer(per_atom=self.extensive, element_references=element_references)
         # the training-mean energy, for the mean-energy baseline metric (eV)
@@ -128,6 +146,8 @@ class AtomisticTask(pl.LightningModule):
                 and data_cutoff < model_cutoff:
             raise ValueError(f"the data's radius graph (cutoff {data_cutoff} Å) is shorter than the model's "
                              f"cutoff {model_cutoff} Å; neighbours in between would be missing")
+        if stage == "fit" and representation == "graph":
+            self._record_graph(datamodule)
         if stage == "fit" and self.compile_options is not None and self.trains_forces:
             rank_zero_info("matsciml: torch.compile does not support double backward: training steps run "
                            "the eager model (forces in the loss), validation/test/predict the compiled one")
@@ -136,6 +156,15 @@ class AtomisticTask(pl.LightningModule):
             if statistics:
                 self.fit_normalizer(statistics)
                 rank_zero_info(f"matsciml: normaliser from the training statistics: {self.normalizer.extra_repr()}")
+
+    def _record_graph(self, datamodule: Any) -> None:
+        """Keep the data's graph settings in the hyper-parameters (so in checkpoints and exports)."""
+        data_graph = _graph_record({"cutoff": datamodule.cutoff, "max_neighbors": datamodule.max_neighbors})
+        if self.graph is not None and self.graph != data_graph:
+            raise ValueError(f"the task was trained on radius graphs {self.graph} but the data module builds "
+                             f"{data_graph}; set data.cutoff / data.max_neighbors to match, or start a new task")
+        self.graph = data_graph
+        self.hparams["graph"] = data_graph
 
     def _check_species(self) -> None:
         limit = getattr(self.model, "num_species", None)

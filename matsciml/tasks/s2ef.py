@@ -46,7 +46,7 @@ class S2EFTask(AtomisticTask):
         regress_stress: predict stress ``(1/V) dE/dstrain`` and train on it (records need ``stress``).
         lr, gamma: Adam learning rate and ExponentialLR decay per epoch.
         energy_coefficient, force_coefficient, stress_coefficient: loss weights.
-        statistics, species, element_references, normalize, loss, compile: see :class:`AtomisticTask`.
+        statistics, species, element_references, normalize, loss, compile, graph: see :class:`AtomisticTask`.
 
     The energy normaliser shifts by the mean energy per atom and scales by the std of the
     force components (so normalised forces have unit variance), or by the energy std when
@@ -74,13 +74,15 @@ class S2EFTask(AtomisticTask):
         normalize: bool = True,
         loss: LossName = "l1",
         compile: bool | dict[str, Any] = False,
+        graph: dict[str, Any] | None = None,
     ):
         if min(energy_coefficient, force_coefficient, stress_coefficient) < 0:
             raise ValueError("loss coefficients must be >= 0")
         self.regress_forces = regress_forces
         self.regress_stress = regress_stress
         super().__init__(model, lr=lr, gamma=gamma, statistics=statistics, species=species,
-                         element_references=element_references, normalize=normalize, loss=loss, compile=compile)
+                         element_references=element_references, normalize=normalize, loss=loss, compile=compile,
+                         graph=graph)
         self.energy_coefficient = energy_coefficient
         self.force_coefficient = force_coefficient
         self.stress_coefficient = stress_coefficient

@@ -6,7 +6,7 @@ from ase import Atoms
 from ase.build import bulk, fcc111, molecule
 from ase.neighborlist import neighbor_list
 
-from matsciml.data.neighbors import RadiusGraph, radius_graph
+from matsciml.data.neighbors import RadiusGraph, neighbor_calculator, radius_graph
 
 
 def _pair_set(j, i, shifts):
@@ -84,9 +84,39 @@ def test_max_neighbors_keeps_the_nearest_deterministically():
         kept = dist(capped_index, capped_shifts, mask_cap)
         everything = np.sort(dist(all_index, all_shifts, mask_all))
         assert np.allclose(np.sort(kept), everything[:10])
-    # a permutation of vesin's input order must not change which tied neighbours are kept
-    again_index, again_shifts = _ours(atoms, 6.0, max_neighbors=10)
-    assert np.array_equal(again_index, capped_index) and np.array_equal(again_shifts, capped_shifts)
+
+
+class _ShuffledPairs:
+    """A vesin neighbour list that returns its pairs in a random order (as another version or thread count may)."""
+
+    def __init__(self, cutoff, seed):
+        self.inner, self.rng = neighbor_calculator(cutoff), np.random.default_rng(seed)
+
+    def compute(self, *args, **kwargs):
+        arrays = [np.array(a) for a in self.inner.compute(*args, **kwargs)]
+        order = self.rng.permutation(len(arrays[0]))
+        return [a[order] for a in arrays]
+
+
+@pytest.mark.parametrize("atoms", [bulk("Cu", "fcc", a=3.6, cubic=True), _triclinic()], ids=["ties", "triclinic"])
+def test_the_capped_graph_does_not_depend_on_vesins_pair_order(atoms):
+    # the cap falls inside a shell of tied distances (12 nearest neighbours in fcc, 5 kept): which
+    # tied neighbours are kept must come from the tie-break, not from the order vesin lists pairs in
+    edge_index, shifts = radius_graph(atoms.positions, atoms.cell.array, atoms.pbc, 4.0, 5)
+    for seed in range(3):
+        calculator = _ShuffledPairs(4.0, seed)
+        shuffled_index, shuffled_shifts = radius_graph(atoms.positions, atoms.cell.array, atoms.pbc, 4.0, 5,
+                                                       calculator)
+        assert np.array_equal(shuffled_index, edge_index) and np.array_equal(shuffled_shifts, shifts)
+
+
+def test_the_default_graph_keeps_every_pair_within_the_cutoff():
+    # fcc Cu has 78 neighbours within 6 Å: a cap of 50 would fall inside the fifth shell
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    edge_index, _ = radius_graph(atoms.positions, atoms.cell.array, atoms.pbc)
+    assert np.all(np.bincount(edge_index[1]) == 78)
+    record = {"positions": atoms.positions, "cell": atoms.cell.array, "pbc": atoms.pbc}
+    assert RadiusGraph()(record)["edge_index"].shape[1] == 78 * len(atoms)
 
 
 def test_ties_are_broken_by_neighbour_index_in_a_symmetric_crystal():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk
-from helpers.physics import PhysicsBattery, energy_and_forces, molecule_like, slab, small_bulk
+from helpers.physics import PhysicsBattery, cutoff_path, energy_and_forces, molecule_like, slab, small_bulk
 
 from matsciml.data.structures import batch_from_atoms
 from matsciml.models.gala import Gala
@@ -17,12 +17,52 @@ def clouds(structures, dtype=torch.float64):
     return batch_from_atoms(structures, dtype=dtype, representation="point_cloud")
 
 
+# Point clouds hold raw differences of positions, not minimum-image vectors, so Gala does not see
+# a periodic crystal yet; branch wp-pointcloud makes the vectors minimum-image. Strict: these flip
+# to XPASS (a failure) once that lands, and the marks must then go.
+NO_MINIMUM_IMAGE = pytest.mark.xfail(strict=True, reason="point-cloud vectors are not minimum-image: Gala sees "
+                                                         "a finite cluster, not the periodic crystal")
+
+
+def assert_no_finite_range(model):
+    """Gala has no cutoff (its inherited ``cutoff`` is unused): an atom 40 Å away still changes the energy."""
+    assert model.representation == "point_cloud"  # every atom in the cloud, no radius graph
+    near = molecule_like() + Atoms("H", positions=[[40.0, 0.0, 0.0]])
+    far = molecule_like() + Atoms("H", positions=[[41.0, 0.0, 0.0]])
+    near.pbc = far.pbc = False
+    with torch.no_grad():
+        change = float(model(clouds([near]))[0] - model(clouds([far]))[0])
+    assert abs(change) > 1e-8
+
+
 class TestGala(PhysicsBattery):
     representation = Gala.representation
-    finite_cutoff = False  # attends over the whole cloud: no cutoff, no supercell identity
+
+    perfect_crystal_size = 2  # attention over all triplets is O(N^3): 32 atoms, not 108
 
     def make_model(self):
         return Gala(hidden=16, num_blocks=2)
+
+    @NO_MINIMUM_IMAGE
+    def test_a_lattice_translation_of_an_atom_changes_nothing(self, model):
+        super().test_a_lattice_translation_of_an_atom_changes_nothing(model)
+
+    @NO_MINIMUM_IMAGE
+    def test_a_perfect_crystal_feels_no_force(self, model):
+        super().test_a_perfect_crystal_feels_no_force(model)
+
+    def test_energy_along_a_pair_crossing_the_cutoff_is_minus_the_work(self, model):
+        # not applicable: no cutoff for a pair to cross. The energy along the same path must
+        # still be minus the work of the force (no jumps), with every atom in the cloud throughout
+        assert_no_finite_range(model)
+        path = cutoff_path(6.0, steps=100)
+        assert clouds([path[0]]).point_mask.sum() == clouds([path[-1]]).point_mask.sum() == 3
+        self.check_energy_is_the_work_along(model, path, moving=2)
+
+    def test_periodic_images_supercell_gives_n_times_the_energy(self, model):
+        # not applicable: attention spans the whole cloud, so a supercell's atoms see every copy
+        # and the energy is not extensive; what holds is that the model has no finite range
+        assert_no_finite_range(model)
 
 
 class TestGalaEquivariant(TestGala):
