@@ -72,12 +72,12 @@ def check_trusted(class_path: Any, trusted: Iterable[str] | None = None, what: s
         raise UntrustedClassError(
             f"{what} {class_path!r} is in module {module!r}, which is not trusted (trusted: {', '.join(allowed)}); "
             f"it was not imported. If you trust the file, pass trusted_modules=[{top!r}] in Python, "
-            f"--trust-module {top} on the command line, or set {ENV_VAR}={top}")
+            f"--trust-module {top} on the command line, or set {ENV_VAR}={top}"
+        )
     return module
 
 
-def resolve_class(class_path: Any, base: type[T], trusted: Iterable[str] | None = None,
-                  what: str = "class") -> type[T]:
+def resolve_class(class_path: Any, base: type[T], trusted: Iterable[str] | None = None, what: str = "class") -> type[T]:
     """The class named ``class_path``, a subclass of ``base``, imported only from a trusted module.
 
     Args:
@@ -157,7 +157,7 @@ def trusting(names: Iterable[str]) -> Iterator[None]:
     """
     names, previous = list(names), os.environ.get(ENV_VAR)
     if names:
-        os.environ[ENV_VAR] = ",".join(trusted_modules(names)[len(_ALWAYS):])
+        os.environ[ENV_VAR] = ",".join(trusted_modules(names)[len(_ALWAYS) :])
     try:
         yield
     finally:

@@ -7,8 +7,9 @@ import pytest
 from matsciml import atomic
 from matsciml.data.synthetic import write_synthetic
 
-pytestmark = pytest.mark.skipif(atomic._libc() is None,
-                                reason="renameat2 exchange is Linux-only (elsewhere the documented fallback runs)")
+pytestmark = pytest.mark.skipif(
+    atomic._libc() is None, reason="renameat2 exchange is Linux-only (elsewhere the documented fallback runs)"
+)
 
 
 def test_folders_are_exchanged_in_one_step(tmp_path):

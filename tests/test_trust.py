@@ -102,8 +102,9 @@ def test_load_task_and_calculator_refuse_then_trust(checkpoint, tmp_path, user_m
     assert user_module.exists() and type(task.model).__name__ == "MyEGNN"
     assert type(task).__name__ == ("MyTask" if task_class else "S2EFTask")
     reference = load_task(checkpoint)
-    assert all(torch.equal(a, b) for a, b in zip(task.state_dict().values(), reference.state_dict().values(),
-                                                  strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(task.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
     calc = MatSciMLCalculator.from_checkpoint(path, trusted_modules=[f"{MODULE}"])
     assert type(calc.task.model).__name__ == "MyEGNN"
 
@@ -143,8 +144,14 @@ def test_trust_flags_are_taken_out_of_the_lightning_command_line():
         pop_trust_flags(["fit", "--trust-module"])
 
 
-QUICK = ["--config", "configs/devset/s2ef-egnn.yaml", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
-         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+QUICK = [
+    "--config",
+    "configs/devset/s2ef-egnn.yaml",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +160,18 @@ def cli_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     save_dir = tmp_path_factory.mktemp("cli")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)
-        assert main(["fit", *QUICK, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
-                     f"--trainer.logger.init_args.save_dir={save_dir}"]) == 0
+        assert (
+            main(
+                [
+                    "fit",
+                    *QUICK,
+                    "--trainer.max_epochs=1",
+                    "--trainer.limit_train_batches=1",
+                    f"--trainer.logger.init_args.save_dir={save_dir}",
+                ]
+            )
+            == 0
+        )
     return save_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", save_dir
 
 
