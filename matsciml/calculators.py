@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -64,17 +65,22 @@ def inference_graph(task: AtomisticTask, max_neighbors: MaxNeighbors = TRAINED) 
     return graph
 
 
-def load_task(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> AtomisticTask:
+def load_task(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
+              trusted_modules: Iterable[str] | None = None) -> AtomisticTask:
     """The task saved in a Lightning checkpoint (CLI or Python), loaded weights-only, in eval mode.
 
-    The task class is resolved as for exports (:func:`matsciml.export.checkpoint_task_path`):
-    only ``matsciml.tasks`` classes are imported.
-    """
-    from matsciml.export import checkpoint_task_path, read_checkpoint, task_class_from_path
+    The task is built as for exports (:func:`matsciml.export.task_from_checkpoint`): its task and
+    model classes only from ``matsciml`` or ``trusted_modules`` (checked before any import, see
+    :mod:`matsciml.trust`).
 
-    cls = task_class_from_path(checkpoint_task_path(read_checkpoint(checkpoint)["hyper_parameters"]))
-    task = cls.load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
-    return task.eval()
+    Args:
+        checkpoint: a ``.ckpt`` from ``matsciml fit`` or a Trainer.
+        device: where to put the weights.
+        trusted_modules: modules besides ``matsciml`` your own task or model classes come from.
+    """
+    from matsciml.export import task_from_checkpoint
+
+    return task_from_checkpoint(checkpoint, trusted_modules).to(device).eval()
 
 
 class MatSciMLCalculator(Calculator):
@@ -111,18 +117,19 @@ class MatSciMLCalculator(Calculator):
         self.implemented_properties = properties
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any
-                        ) -> MatSciMLCalculator:
-        """A calculator for the task in a Lightning checkpoint (loaded weights-only)."""
-        return cls(load_task(path, device=device), device=device, **kwargs)
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        trusted_modules: Iterable[str] | None = None, **kwargs: Any) -> MatSciMLCalculator:
+        """A calculator for the task in a Lightning checkpoint (loaded weights-only; classes from
+        ``matsciml`` or ``trusted_modules`` only, see :func:`load_task`)."""
+        return cls(load_task(path, device=device, trusted_modules=trusted_modules), device=device, **kwargs)
 
     @classmethod
-    def from_package(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any
-                     ) -> MatSciMLCalculator:
+    def from_package(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                     trusted_modules: Iterable[str] | None = None, **kwargs: Any) -> MatSciMLCalculator:
         """A calculator for an exported model package (``matsciml export``)."""
         from matsciml.export import load_model
 
-        return cls(load_model(path, device=device), device=device, **kwargs)
+        return cls(load_model(path, device=device, trusted_modules=trusted_modules), device=device, **kwargs)
 
     def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
                   system_changes: list[str] = all_changes) -> None:

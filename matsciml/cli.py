@@ -271,6 +271,12 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"matsciml: wrote {out} (record: {out}.step.json)")
 
 
+def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-module", action="append", default=[], metavar="NAME",
+                        help="a module (and its submodules) whose task or model classes a checkpoint or package "
+                             "may name, besides matsciml's (repeatable; see docs/export.md)")
+
+
 def _add_export_command(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="package a checkpoint as weights + JSON + model card (docs/export.md)")
     export.add_argument("checkpoint", type=Path, help="a checkpoint written by matsciml fit")
@@ -278,6 +284,7 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--zip", action="store_true", help="write a zip whatever --out ends with")
     export.add_argument("--intended-use", help="the card's intended_use text (default: one on the training data)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing package at --out")
+    _add_trust_argument(export)
     export.set_defaults(func=_cmd_export)
 
 
@@ -359,6 +366,7 @@ def _add_predict_structures_command(commands: argparse._SubParsersAction) -> Non
     parser.add_argument("--max-neighbors", type=_count, default=None,
                         help="neighbour cap (default: as recorded at training, none for models trained without "
                              "one); 0: every neighbour within the cutoff")
+    _add_trust_argument(parser)
     parser.set_defaults(func=_cmd_predict_structures)
 
 
@@ -376,20 +384,27 @@ def main(argv: list[str] | None = None) -> int:
         from matsciml.accelerators import AcceleratorUnavailable
         from matsciml.provenance import DirtyCheckoutError
         from matsciml.training_cli import run
+        from matsciml.trust import UntrustedClassError, pop_trust_flags, trusting
 
+        # LightningCLI does not know --trust-module: it goes to the environment, which the
+        # processes of a DDP run inherit (they re-run the command line without it)
+        argv, trusted = pop_trust_flags(argv)
         try:
-            run(argv)
-        except (AcceleratorUnavailable, DirtyCheckoutError) as err:  # a setting to change, not a bug: no traceback
+            with trusting(trusted):
+                run(argv)
+        except (AcceleratorUnavailable, DirtyCheckoutError, UntrustedClassError) as err:  # a setting to change
             print(f"matsciml: error: {err}", file=sys.stderr)
             return 2
         return 0
     from matsciml.data.errors import DataError
     from matsciml.hpo import HPOError
+    from matsciml.trust import trusting
 
     args = build_parser().parse_args(argv)
     args.command = ["matsciml", *argv]
     try:
-        args.func(args)
+        with trusting(getattr(args, "trust_module", [])):  # for every loader the command calls
+            args.func(args)
     except (DataError, FileExistsError, FileNotFoundError, ValueError, HPOError) as err:
         print(f"matsciml: error: {err}", file=sys.stderr)
         return 2

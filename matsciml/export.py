@@ -2,13 +2,13 @@
 
 A package (a folder, or a zip) holds ``weights.safetensors`` or ``weights.pt`` (a plain ``{name: tensor}`` state
 dict; the normaliser is buffers, so it is inside), ``model.json`` (task class, its init arguments, model spec) and
-``card.json`` (the model card). Loading never runs code from a package: task classes only from ``matsciml.tasks``,
-models only from matsciml or a module the caller imported first, JSON hyper-parameters, weights-only tensors.
+``card.json`` (the model card). Loading never runs code from a package: task and model classes only from matsciml
+or modules the caller trusts (:mod:`matsciml.trust`, checked before any import), JSON hyper-parameters, weights-only
+tensors, and every member read with a size cap (a zip is streamed, never read whole).
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import inspect
 import io
@@ -18,19 +18,24 @@ import pickle
 import shutil
 import sys
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from matsciml import provenance
+from matsciml.atomic import replace_path
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.base import AtomisticTask
+from matsciml.trust import resolve_class
 
 FORMAT, FORMAT_VERSION = "matsciml-model", 1
 MODEL_FILE, CARD_FILE = "model.json", "card.json"
 SAFETENSORS_FILE, TORCH_FILE = "weights.safetensors", "weights.pt"
 UNITS = {"positions": "Å", "energy": "eV", "forces": "eV/Å", "stress": "eV/Å^3"}
+#: the most bytes a package member may hold (read in chunks and refused past it, whatever the zip claims)
+MAX_BYTES = {MODEL_FILE: 16 << 20, CARD_FILE: 16 << 20, SAFETENSORS_FILE: 2 << 30, TORCH_FILE: 2 << 30}
 
 
 class ExportError(ValueError):
@@ -74,11 +79,11 @@ def _plain(value: Any, where: str) -> Any:
     raise ExportError(f"hyper-parameter {where} is a {type(value).__name__}, not plain data; it cannot be exported")
 
 
-def model_description(checkpoint: dict[str, Any]) -> dict[str, Any]:
+def model_description(checkpoint: dict[str, Any], trusted_modules: Iterable[str] | None = None) -> dict[str, Any]:
     """``model.json``: the task class with its init arguments and the model spec."""
     hparams = checkpoint["hyper_parameters"]
     class_path = checkpoint_task_path(hparams)
-    task_class = task_class_from_path(class_path)
+    task_class = task_class_from_path(class_path, trusted_modules)
     accepted = set(inspect.signature(task_class.__init__).parameters) - {"self", "model"}
     init_args = {k: _plain(v, k) for k, v in hparams.items() if k in accepted}
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -94,47 +99,43 @@ def checkpoint_task_path(hparams: dict[str, Any]) -> str:
         "matsciml.tasks.S2EFTask" if "regress_forces" in hparams else "matsciml.tasks.IS2RETask")
 
 
-def task_class_from_path(class_path: str) -> type[AtomisticTask]:
-    """The task class named ``class_path``; only ``AtomisticTask`` subclasses in ``matsciml.tasks``."""
-    module, _, name = str(class_path).rpartition(".")
-    if not (module == "matsciml.tasks" or module.startswith("matsciml.tasks.")):  # checked before any import
-        raise ExportError(f"unknown task class {class_path!r}: only matsciml.tasks classes load")
-    try:
-        cls = getattr(importlib.import_module(module), name, None)
-    except ImportError as err:
-        raise ExportError(f"unknown task class {class_path!r}: {err}") from err
-    if not (isinstance(cls, type) and issubclass(cls, AtomisticTask)):
-        raise ExportError(f"unknown task class {class_path!r}: not an AtomisticTask")
-    return cls
+def task_class_from_path(class_path: str, trusted_modules: Iterable[str] | None = None) -> type[AtomisticTask]:
+    """The ``AtomisticTask`` subclass named ``class_path``, from matsciml or a trusted module (matsciml.trust)."""
+    return resolve_class(class_path, AtomisticTask, trusted_modules, what="task class")
 
 
-def _model_from_spec(spec: Any) -> AbstractEnergyModel:
-    if not (isinstance(spec, dict) and isinstance(spec.get("class_path"), str)
-            and isinstance(spec.get("init_args", {}), dict)):
-        raise ExportError("model.json: 'model' must be {'class_path': str, 'init_args': dict}")
-    module = spec["class_path"].rpartition(".")[0]
-    # from_spec imports the module before checking the class: import only matsciml's own modules,
-    # or one the caller already imported (their own model package), never one the file chooses
-    if not (module == "matsciml" or module.startswith("matsciml.") or module in sys.modules):
-        raise ExportError(f"unknown model class {spec['class_path']!r}: only matsciml models, or models from "
-                          "a module imported before loading, load")
-    try:
-        return AbstractEnergyModel.from_spec(spec)
-    except ValueError as err:
-        raise ExportError(f"unknown model class {spec['class_path']!r}: {err}") from err
+def build_task(description: dict[str, Any], trusted_modules: Iterable[str] | None = None) -> AtomisticTask:
+    """A task with fresh weights from a ``model.json`` description.
 
-
-def build_task(description: dict[str, Any]) -> AtomisticTask:
-    """A task with fresh weights from a ``model.json`` description."""
+    Args:
+        description: the parsed ``model.json`` (or :func:`model_description` of a checkpoint).
+        trusted_modules: modules besides ``matsciml`` the task and model classes may come from.
+    """
     if not isinstance(description, dict) or (description.get("format"), description.get("format_version")) \
             != (FORMAT, FORMAT_VERSION):
         raise ExportError(f"{MODEL_FILE} is not a {FORMAT} description of format_version {FORMAT_VERSION}")
     task = description.get("task") or {}
-    task_class = task_class_from_path(task.get("class_path", ""))
+    task_class = task_class_from_path(task.get("class_path", ""), trusted_modules)
     try:
-        return task_class(model=_model_from_spec(description.get("model")), **task.get("init_args", {}))
+        return task_class(model=AbstractEnergyModel.from_spec(description.get("model"), trusted_modules),
+                          **task.get("init_args", {}))
     except TypeError as err:  # an argument this task does not take
         raise ExportError(f"{MODEL_FILE}: {task_class.__name__} cannot be built: {err}") from err
+
+
+def task_from_checkpoint(path: str | os.PathLike, trusted_modules: Iterable[str] | None = None) -> AtomisticTask:
+    """The task of a Lightning checkpoint, built as a package is (no ``load_from_checkpoint``, whose
+    jsonargparse instantiator would import the checkpoint's class paths), with its weights."""
+    checkpoint = read_checkpoint(path)
+    return _with_weights(build_task(model_description(checkpoint, trusted_modules), trusted_modules), checkpoint, path)
+
+
+def _with_weights(task: AtomisticTask, checkpoint: dict[str, Any], path: str | os.PathLike) -> AtomisticTask:
+    try:
+        task.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ExportError(f"{path}: its weights do not fit its model spec: {_reason(err)}") from err
+    return task
 
 
 def _weights_bytes(state: dict[str, torch.Tensor]) -> tuple[str, bytes]:
@@ -164,16 +165,37 @@ def _load_weights(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _read_capped(stream: IO[bytes], name: str, where: Path) -> bytes:
+    """``stream``'s bytes, read in chunks and refused past ``MAX_BYTES[name]`` (never one unbounded read)."""
+    cap, chunks, size = MAX_BYTES[name], [], 0
+    while chunk := stream.read(min(1 << 20, cap + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            raise ExportError(f"{where}: {name} holds more than {cap} bytes; a package member may not")
+    return b"".join(chunks)
+
+
 def _read_package(path: Path) -> dict[str, bytes]:
-    """The package's known files by name (a zip is read in memory, never extracted)."""
+    """The package's known files by name (a zip is streamed member by member, never extracted)."""
     names = (MODEL_FILE, CARD_FILE, SAFETENSORS_FILE, TORCH_FILE)
     if not path.exists():
         raise FileNotFoundError(f"model package {path} does not exist")
     elif path.is_dir():
-        files = {n: (path / n).read_bytes() for n in names if (path / n).is_file()}
+        files = {}
+        for n in names:
+            if (path / n).is_file():
+                with open(path / n, "rb") as stream:
+                    files[n] = _read_capped(stream, n, path)
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            files = {n: archive.read(n) for n in names if n in archive.namelist()}
+            members = {info.filename: info for info in archive.infolist()}
+            files = {}
+            for n in (n for n in names if n in members):
+                if members[n].file_size > MAX_BYTES[n]:  # the declared size; the stream enforces the real one
+                    raise ExportError(f"{path}: {n} holds {members[n].file_size} bytes, more than {MAX_BYTES[n]}")
+                with archive.open(members[n]) as stream:
+                    files[n] = _read_capped(stream, n, path)
     else:
         raise ExportError(f"{path} is neither a model package folder nor a zip")
     for needed in ((MODEL_FILE,), (SAFETENSORS_FILE, TORCH_FILE)):
@@ -182,16 +204,20 @@ def _read_package(path: Path) -> dict[str, bytes]:
     return files
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> AtomisticTask:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               trusted_modules: Iterable[str] | None = None) -> AtomisticTask:
     """The task of an exported package (folder or zip), in eval mode on ``device``.
 
     Args:
         path: a package written by ``matsciml export``.
         device: where to put the weights.
+        trusted_modules: modules besides ``matsciml`` whose task or model classes may load
+            (your own subclasses, e.g. ``["my_models"]``); any other is refused unimported.
 
     Raises:
-        ExportError: missing files, an unknown task or model class, or weights that are not a
-            plain tensor dict; nothing from the package is executed.
+        ExportError: missing or oversized files, or weights that are not a plain tensor dict.
+        UntrustedClassError: a task or model class outside ``matsciml`` and ``trusted_modules``.
+            Nothing from the package is executed.
     """
     path = Path(path)
     files = _read_package(path)
@@ -199,7 +225,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
         description = json.loads(files[MODEL_FILE])
     except ValueError as err:
         raise ExportError(f"{path}/{MODEL_FILE} is not JSON: {err}") from err
-    task = build_task(description)
+    task = build_task(description, trusted_modules)
     try:
         task.load_state_dict(_load_weights(files), strict=True)
     except RuntimeError as err:  # missing or unexpected keys, wrong shapes
@@ -254,15 +280,12 @@ def _radius_graph_card(task: AtomisticTask) -> dict[str, Any] | None:
     return {**graph, "note": note}
 
 
-def package_files(checkpoint_path: Path, intended_use: str | None = None) -> dict[str, bytes]:
+def package_files(checkpoint_path: Path, intended_use: str | None = None,
+                  trusted_modules: Iterable[str] | None = None) -> dict[str, bytes]:
     """The package's files as bytes; the task is rebuilt from them first, so what is written loads."""
     checkpoint = read_checkpoint(checkpoint_path)
-    description = model_description(checkpoint)
-    task = build_task(description)
-    try:
-        task.load_state_dict(checkpoint["state_dict"], strict=True)
-    except RuntimeError as err:
-        raise ExportError(f"{checkpoint_path}: its weights do not fit its model spec: {_reason(err)}") from err
+    description = model_description(checkpoint, trusted_modules)
+    task = _with_weights(build_task(description, trusted_modules), checkpoint, checkpoint_path)
     weights_name, weights = _weights_bytes(task.state_dict())
     card = model_card(task, checkpoint, checkpoint_path, intended_use)
     return {weights_name: weights, MODEL_FILE: (json.dumps(description, indent=1) + "\n").encode(),
@@ -278,12 +301,15 @@ def _is_package(path: Path) -> bool:
 
 def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, as_zip: bool | None = None,
                    overwrite: bool = False, intended_use: str | None = None, command: list[str] | None = None,
-                   config: dict[str, Any] | None = None) -> Path:
+                   config: dict[str, Any] | None = None, trusted_modules: Iterable[str] | None = None) -> Path:
     """Write the package of ``checkpoint`` to ``out`` atomically, with ``<out>.step.json`` beside it.
 
     Args:
         as_zip: write a zip; default: when ``out`` ends in ``.zip``.
-        overwrite: replace an existing package at ``out`` (never anything else).
+        overwrite: replace an existing package at ``out`` (never anything else); the old one stays
+            in place until the new one is complete, and is swapped for it in one step
+            (:func:`matsciml.atomic.replace_path`).
+        trusted_modules: modules besides ``matsciml`` the checkpoint's classes may come from.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     as_zip = out.suffix == ".zip" if as_zip is None else as_zip
@@ -297,8 +323,8 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, as_zip
     record = provenance.dataset_record(out, "export", command or list(sys.argv), config or {})
     record.add_input("checkpoint", checkpoint, kind="checkpoint")
     with provenance.recorded(record):
-        files = package_files(checkpoint, intended_use)
-        tmp, old = (out.with_name(f".{out.name}.{os.getpid()}.{suffix}") for suffix in ("tmp", "old"))
+        files = package_files(checkpoint, intended_use, trusted_modules)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
             if as_zip:
                 with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -308,12 +334,9 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, as_zip
                 tmp.mkdir()
                 for name, data in files.items():
                     (tmp / name).write_bytes(data)
-            if out.exists():  # a folder cannot be renamed over another: move the old one aside first
-                os.replace(out, old)
-            os.replace(tmp, out)
+            replace_path(tmp, out)
         finally:
-            for leftover in (tmp, old):
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         if as_zip:
             record.add_output("package", out, kind="model")
         else:

@@ -11,7 +11,10 @@ The same from the shell: ``matsciml runs list|show|compare``.
 
 from __future__ import annotations
 
+import ast
+import operator
 import os
+import re
 import shlex
 from collections.abc import Iterable
 from pathlib import Path
@@ -73,11 +76,14 @@ def summarize(record: dict[str, Any], record_file: Path) -> dict[str, Any]:
 
 def load(paths: Iterable[str | os.PathLike] | str | os.PathLike = ("runs",), where: str | None = None
          ) -> pd.DataFrame:
-    """Runs under ``paths`` as a DataFrame, optionally filtered by a pandas query.
+    """Runs under ``paths`` as a DataFrame, optionally filtered.
 
-    ``where`` is a :meth:`pandas.DataFrame.query` expression over the columns, e.g.
+    ``where`` is a filter over the columns in pandas-query syntax, e.g.
     ``"status == 'COMPLETED' and model == 'EGNN'"``; metric names with a slash need backticks:
-    ```` `val/force_mae` < 0.1 ````.
+    ```` `val/force_mae` < 0.1 ````. Only comparisons (``== != < <= > >= in not in``), ``and`` /
+    ``or`` / ``not`` (or ``& | ~``), column names and literals are accepted (:func:`where_mask`):
+    it is parsed and evaluated here, never handed to ``DataFrame.query``, which would resolve
+    ``@name`` references and run calls.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -88,8 +94,77 @@ def load(paths: Iterable[str | os.PathLike] | str | os.PathLike = ("runs",), whe
     metrics = sorted(c for c in frame.columns if c not in COLUMNS)
     frame = frame[COLUMNS + metrics]
     if where:
-        frame = frame.query(where)
+        frame = frame[where_mask(frame, where)]
     return frame.reset_index(drop=True)
+
+
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Gt: operator.gt, ast.GtE: operator.ge}
+
+
+def where_mask(frame: pd.DataFrame, where: str) -> pd.Series:
+    """The rows of ``frame`` that ``where`` selects, as a boolean Series.
+
+    Raises:
+        ValueError: ``where`` is not a filter of comparisons, boolean operators, column names and
+            literals, or names a column ``frame`` lacks.
+    """
+    columns: dict[str, str] = {}
+
+    def placeholder(match: re.Match) -> str:  # `val/energy_mae` is no Python name: stand in for it
+        columns[f"_col{len(columns)}_"] = match.group(1)
+        return f"_col{len(columns) - 1}_"
+
+    try:
+        tree = ast.parse(re.sub(r"`([^`]*)`", placeholder, where).strip(), mode="eval")
+    except SyntaxError as err:
+        raise ValueError(f"--where {where!r} is not a valid filter: {err.msg}") from None
+
+    def value(node: ast.AST) -> Any:
+        if isinstance(node, ast.Name):
+            name = columns.get(node.id, node.id)
+            if name not in frame.columns:
+                known = ", ".join(map(str, frame.columns))
+                raise ValueError(f"--where {where!r}: no column {name!r} (columns: {known})")
+            return frame[name]
+        try:  # literals: numbers, strings, True/False/None, lists and tuples of them, -1
+            return ast.literal_eval(node)
+        except ValueError:
+            raise ValueError(f"--where {where!r}: {ast.unparse(node)!r} is not allowed; use comparisons, "
+                             "and/or/not, column names and literals only") from None
+
+    def mask(node: ast.AST) -> pd.Series:
+        if isinstance(node, ast.BoolOp):
+            parts = [mask(v) for v in node.values]
+            combine = operator.and_ if isinstance(node.op, ast.And) else operator.or_
+            result = parts[0]
+            for part in parts[1:]:
+                result = combine(result, part)
+            return result
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd | ast.BitOr):
+            return (operator.and_ if isinstance(node.op, ast.BitAnd) else operator.or_)(mask(node.left),
+                                                                                          mask(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not | ast.Invert):
+            return ~mask(node.operand)
+        if isinstance(node, ast.Compare):
+            result, left = pd.Series(True, index=frame.index), node.left
+            for op, right in zip(node.ops, node.comparators, strict=True):
+                a, b = value(left), value(right)
+                if isinstance(op, ast.In | ast.NotIn):
+                    if not isinstance(a, pd.Series) or isinstance(b, pd.Series) or not isinstance(b, list | tuple):
+                        raise ValueError(f"--where {where!r}: 'in' needs a column on the left and a list on the right")
+                    test = a.isin(list(b))
+                    result &= ~test if isinstance(op, ast.NotIn) else test
+                elif type(op) in _COMPARE:
+                    result &= _COMPARE[type(op)](a, b)
+                else:
+                    raise ValueError(f"--where {where!r}: the comparison {type(op).__name__} is not allowed")
+                left = right
+            return result.astype(bool)
+        raise ValueError(f"--where {where!r}: {ast.unparse(node)!r} is not allowed; use comparisons, "
+                         "and/or/not, column names and literals only")
+
+    return mask(tree.body)
 
 
 def history(run: str | os.PathLike | pd.Series) -> pd.DataFrame:

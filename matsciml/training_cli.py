@@ -39,6 +39,7 @@ from matsciml.tasks.base import AtomisticTask
 from matsciml.tasks.plots import PlotCallback
 from matsciml.tasks.predictions import PredictionWriter
 from matsciml.tasks.report import MetricsReport
+from matsciml.trust import check_checkpoint_classes
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -68,6 +69,13 @@ class MatSciMLCLI(LightningCLI):
                             help="refuse to start from a git checkout with uncommitted changes")
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit: delete the run folder first if the logger's version names an existing one")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning parses the checkpoint's hyper-parameters with jsonargparse, which imports every
+        # class_path in them: check them all against the trusted modules first (matsciml.trust)
+        if self.config.get("subcommand"):
+            check_checkpoint_classes(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -75,3 +75,17 @@ def test_cli_list_compare_show(run_folder, capsys):
 def test_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["runs", "list", str(tmp_path / "nope")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["@os.system('touch x') == 0", "model.str.len() > 0", "__import__('os') == 1",
+                                   "seed == seed.__class__", "status == 'COMPLETED' or (lambda: 1)() == 1"])
+def test_where_accepts_only_comparisons_names_and_literals(where):
+    frame = pd.DataFrame({"status": ["COMPLETED", "FAILED"], "model": ["EGNN", "Gala"], "seed": [0, 1],
+                          "val/energy_mae": [0.1, 0.3]})
+    with pytest.raises(ValueError, match="--where"):
+        runs.where_mask(frame, where)
+    assert not Path("x").exists()
+    keep = runs.where_mask(frame, "status == 'COMPLETED' and not model in ['Gala'] and `val/energy_mae` < 0.2")
+    assert keep.tolist() == [True, False]
+    assert runs.where_mask(frame, "(seed >= 1) | (model != 'EGNN')").tolist() == [False, True]
+    assert runs.where_mask(frame, "0 <= seed < 1").tolist() == [True, False]

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import abc
 import functools
-import importlib
 import inspect
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 import torch
 
 from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
+from matsciml.trust import resolve_class
 
 Representation = Literal["graph", "point_cloud"]
 
@@ -82,15 +83,17 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(self._init_args)}
 
     @staticmethod
-    def from_spec(spec: dict[str, Any]) -> AbstractEnergyModel:
-        """Build a model from :meth:`spec` output; only ``AbstractEnergyModel`` subclasses load."""
-        module_name, _, class_name = spec["class_path"].rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ValueError(f"cannot import model class {spec['class_path']!r}: {err}") from err
-        if not (isinstance(cls, type) and issubclass(cls, AbstractEnergyModel)):
-            raise ValueError(f"{spec['class_path']!r} is not an AbstractEnergyModel subclass")
+    def from_spec(spec: dict[str, Any], trusted_modules: Iterable[str] | None = None) -> AbstractEnergyModel:
+        """Build a model from :meth:`spec` output; only ``AbstractEnergyModel`` subclasses load.
+
+        Args:
+            spec: ``{"class_path", "init_args"}``, e.g. from a checkpoint.
+            trusted_modules: modules besides ``matsciml`` the class may come from; any other module
+                is refused before it is imported (:func:`matsciml.trust.resolve_class`).
+        """
+        if not (isinstance(spec, dict) and isinstance(spec.get("init_args", {}), dict)):
+            raise ValueError("a model spec must be {'class_path': str, 'init_args': dict}")
+        cls = resolve_class(spec.get("class_path"), AbstractEnergyModel, trusted_modules, what="model class")
         return cls(**spec.get("init_args", {}))
 
     @abc.abstractmethod

@@ -62,6 +62,13 @@ GRAPH_FIELDS = frozenset(
 
 _IDS = (K.SID, K.FID)
 
+#: The most numbers one record may decode to (all fields together; OC20's largest records hold a
+#: few thousand). A pickle can reference one list from many places, so a small value could
+#: otherwise expand to gigabytes when turned into arrays.
+MAX_RECORD_ELEMENTS = 1 << 24
+_MAX_DEPTH = 32  # numpy's arrays have at most 64 dimensions; OC20's at most 3
+_END = object()
+
 
 def decode(
     value: bytes | None, source: str | os.PathLike = "<bytes>", index: int | str = "?"
@@ -70,9 +77,10 @@ def decode(
 
     The result is not validated (the dataset layer calls
     :func:`~matsciml.data.records.validate_record`): ``atomic_numbers`` keeps OC20's float
-    values, ``cell`` its ``(1, 3, 3)`` shape. Unknown numeric fields keep their names and
-    unknown non-numeric ones are left out, as is a ``sid`` / ``fid`` that is not a number
-    (some datasets use strings).
+    values, ``cell`` its ``(1, 3, 3)`` shape. Fields matsciml does not store (graph fields,
+    extras such as a dataset name) are dropped before anything is converted, as is a ``sid`` /
+    ``fid`` that is not a number (some datasets use strings). The fields kept are counted
+    before conversion: a record past :data:`MAX_RECORD_ELEMENTS` numbers is refused.
 
     Args:
         value: the LMDB value (a pickle).
@@ -80,8 +88,9 @@ def decode(
         index: its key in that file (for error messages).
 
     Raises:
-        DataError: the value is truncated, names a class outside the safe allow-list, or
-            is not a PyG ``Data`` / ``Munch`` / ``dict`` record.
+        DataError: the value is truncated, names a class outside the safe allow-list, is
+            not a PyG ``Data`` / ``Munch`` / ``dict`` record, or expands past
+            :data:`MAX_RECORD_ELEMENTS` numbers.
     """
     if value is None:  # what txn.get returns for a missing key
         raise DataError(source, "no record under this key (the shard is shorter than its length says)", index)
@@ -93,10 +102,15 @@ def decode(
 
     out: dict[str, np.ndarray] = {}
     aliased: dict[str, np.ndarray] = {}
+    budget = MAX_RECORD_ELEMENTS
     for name, raw in fields.items():
-        if raw is None or not isinstance(name, str) or name.startswith("_") or name in GRAPH_FIELDS:
-            continue  # PyG 1.x None placeholders, PyG internals, graph fields
-        key = RENAMES.get(name, name)
+        key = RENAMES.get(name, name) if isinstance(name, str) else None
+        if raw is None or key not in K.STORED or name in GRAPH_FIELDS:
+            continue  # PyG 1.x None placeholders, PyG internals, graph fields, extras: never converted
+        budget -= _count_elements(raw, budget)
+        if budget < 0:
+            raise DataError(source, f"OC20 field {name!r} expands to more than {MAX_RECORD_ELEMENTS} numbers "
+                                    "in this record (repeated references or nesting); the record is refused", index)
         try:
             array = _to_numpy(raw)
         except (TypeError, ValueError, RuntimeError) as err:
@@ -127,6 +141,31 @@ def _fields(obj: Any, source: str | os.PathLike, index: int | str) -> Mapping[st
         raise DataError(source, "PyG 2 Data record has no field mapping in its _store", index)
     kind = obj.origin if isinstance(obj, PickledState) else type(obj).__name__
     raise DataError(source, f"OC20 record is a {kind}, expected a torch_geometric Data, Munch or dict", index)
+
+
+def _count_elements(value: Any, limit: int) -> int:
+    """The numbers ``value`` would convert to, counted without converting; stops once past ``limit``.
+
+    Counts every reference again, as conversion would copy it; iterative, so deep nesting is no
+    recursion error (nesting past ``_MAX_DEPTH`` counts as past the limit).
+    """
+    count, stack = 0, [iter((value,))]  # iterators, so a list of a million references is not copied
+    while stack and count <= limit:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, torch.Tensor):
+            count += item.numel()
+        elif isinstance(item, np.ndarray):
+            count += item.size
+        elif isinstance(item, (np.generic, bool, int, float)):
+            count += 1
+        elif isinstance(item, (list, tuple)):
+            if len(stack) > _MAX_DEPTH:
+                return limit + 1
+            count += not item  # an empty list holds no number but still costs a step to convert
+            stack.append(iter(item))
+    return count
 
 
 def _to_numpy(value: Any) -> np.ndarray | None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from matsciml.atomic import replace_path
 from matsciml.data import keys as K
 from matsciml.data.errors import DataError
 from matsciml.data.formats import lmdb_shards
@@ -269,9 +270,8 @@ class DatasetWriter:
                 txn.put(METADATA_KEY, json.dumps(shard_card, indent=1).encode())
             env.sync(True)
             env.close()
-        if self.destination.exists() and self.overwrite:
-            shutil.rmtree(self.destination)
-        os.replace(self._tmp, self.destination)
+        # an old dataset is swapped for the new one in one step: readers see one or the other
+        replace_path(self._tmp, self.destination) if self.overwrite else os.replace(self._tmp, self.destination)
         self._closed = True
         return card
 

@@ -279,3 +279,31 @@ def test_unexpected_top_level_object_is_a_data_error():
         oc20.decode(pickle.dumps([1, 2]), "f.lmdb", 0)
     with pytest.raises(DataError, match="DataEdgeAttr"):
         oc20.decode(b"\x80\x02ctorch_geometric.data.data\nDataEdgeAttr\n)\x81.", "f.lmdb", 0)
+
+
+@pytest.mark.parametrize("field", ["pos", "extra_unknown"])
+def test_records_that_expand_in_memory_are_refused_unconverted(tmp_path, field):
+    """A 0.8 MB pickle can name one list from a million places: 10^8 floats (800 MB) once converted."""
+    row = [0.0] * 100
+    record = s2ef_record(natoms=2)
+    record[field] = [[[row] * 100] * 100] * 100  # four nested levels of shared references
+    value = pickle_record(record, "pyg2")
+    assert len(value) < 100_000
+    path = write_raw_lmdb(tmp_path / "crafted.lmdb", {b"0": value})
+    if field == "extra_unknown":  # a field matsciml does not store is dropped before any conversion
+        assert "extra_unknown" not in _read(path, 0)
+        return
+    with pytest.raises(DataError, match=r"crafted\.lmdb, record 0: OC20 field 'pos' expands to more than") as info:
+        _read(path, 0)
+    assert info.value.record == 0
+
+
+def test_deep_nesting_is_refused_without_recursion_error(tmp_path):
+    record = s2ef_record(natoms=2)
+    nested: list = [0.0]
+    for _ in range(100):
+        nested = [nested]
+    record["force"] = nested
+    path = write_raw_lmdb(tmp_path / "deep.lmdb", {b"0": pickle.dumps(record)})
+    with pytest.raises(DataError, match=r"deep\.lmdb, record 0: OC20 field 'force' expands"):
+        _read(path, 0)
