@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from matsciml.accelerators import check_accelerator
 from matsciml.data.datamodules import AtomisticDataModule
-from matsciml.loggers import run_directory, versioned_logger_configs
+from matsciml.loggers import resolve_save_dirs, run_directory, versioned_logger_configs
 from matsciml.provenance import require_clean_checkout
 from matsciml.slurm import job_identity, pin_run_to_job
 from matsciml.step_recorder import StepRecorder
@@ -53,7 +53,7 @@ def _statistics(data: AtomisticDataModule) -> dict | None:
 
 
 class MatSciMLCLI(LightningCLI):
-    """LightningCLI with matsciml's links and defaults (CSV logs under ``runs/``)."""
+    """LightningCLI with matsciml's links and defaults (CSV logs under ``default_root_dir``, else ``runs/``)."""
 
     def __init__(self, *args: Any, extra_callbacks: list | None = None, **kwargs: Any):
         self.extra_callbacks = list(extra_callbacks or [])  # set first: the Trainer is built inside __init__
@@ -82,6 +82,7 @@ class MatSciMLCLI(LightningCLI):
         if config.get("require_clean"):
             require_clean_checkout()
         check_accelerator(config.trainer.accelerator)
+        resolve_save_dirs(config.trainer)  # first: the run folder follows --trainer.default_root_dir
         job = job_identity()
         if self.subcommand == "fit" and config.get("overwrite"):
             _clear_named_run_dirs(config.trainer)
@@ -119,7 +120,8 @@ def run(argv: list[str], extra_callbacks: list | None = None) -> None:
     """
     trainer_defaults: dict[str, Any] = {
         # Lightning's CSVLogger, appending to metrics.csv when a run continues in its folder
-        "logger": {"class_path": "matsciml.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        # under --trainer.default_root_dir, else runs/ (its save_dir is filled in before instantiation)
+        "logger": {"class_path": "matsciml.loggers.CSVLogger"},
         # checkpoints/last.ckpt always names the newest checkpoint of a run
         "callbacks": [ModelCheckpoint(save_last=True), PlotCallback()],  # PNGs: parity plots, learning curve
     }

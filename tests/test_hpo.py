@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import yaml
@@ -12,6 +13,7 @@ from distributed.test_ddp import base_env
 
 from matsciml.cli import main
 from matsciml.hpo.space import SpaceError, load_space
+from matsciml.hpo.trial import run_fit, trial_dir
 from matsciml.provenance import load_record, load_schema
 
 optuna = pytest.importorskip("optuna")
@@ -206,3 +208,22 @@ def test_sigopt_without_token_or_library_is_a_clear_error(tmp_path, monkeypatch,
         assert main(hpo(space, tmp_path / "study", 1, "--backend", "sigopt")) == 2
         assert "pip install 'matsciml[sigopt]'" in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
+
+
+class RootDirProbe(pl.Callback):
+    def on_fit_start(self, trainer, pl_module):
+        self.root = trainer.default_root_dir
+
+
+def test_a_trial_is_rooted_in_its_folder_whatever_the_base_config_says(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    config = yaml.safe_load((ROOT / BASE).read_text())
+    config["trainer"]["default_root_dir"] = str(tmp_path / "elsewhere")
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(config))
+    run_dir = trial_dir(tmp_path / "study", 0)
+    probe = RootDirProbe()
+    record = run_fit(base, [f"--{key}={value}" for key, value in QUICK.items()], run_dir, [probe])
+    assert record["status"] == "COMPLETED" and Path(probe.root) == run_dir
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "step.json").is_file()
+    assert not (tmp_path / "elsewhere").exists()

@@ -3,11 +3,13 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 from distributed.test_ddp import base_env
 
+from matsciml.cli import main
 from matsciml.provenance import load_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,3 +55,36 @@ def test_wandb_offline_run_is_linked_both_ways(tmp_path):
     log = (offline[0] / f"run-{wandb['id']}.wandb").read_bytes()
     assert b"matsciml_run_id" in log and record["run_id"].encode() in log
     assert json.dumps(record["metrics"]["final"])  # metrics still recorded
+
+
+def test_default_root_dir_decides_where_runs_go(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    root = tmp_path / "root"
+    assert main(["fit", *QUICK, f"--trainer.default_root_dir={root}"]) == 0
+    run_dir = root / "lightning_logs" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "metrics.csv").is_file()
+    record = load_record(run_dir)
+    assert record["step"] == "fit" and record["status"] == "COMPLETED"
+    assert record["config"]["trainer"]["logger"]["init_args"]["save_dir"] == str(root)
+    # a run from a checkpoint lives in a new folder: Lightning says the checkpoint callback's folder changed
+    warnings.filterwarnings("ignore", message="The dirpath has changed")  # pytest restores the filters after
+    assert main(["predict", "--config", "configs/devset/is2re-egnn.yaml", f"--ckpt_path={run_dir / 'checkpoints'}"
+                 "/last.ckpt", "--trainer.limit_predict_batches=1", "--trainer.enable_progress_bar=false",
+                 f"--trainer.default_root_dir={root}"]) == 0
+    predicted = root / "lightning_logs" / "version_1"
+    assert load_record(predicted)["step"] == "predict" and (predicted / "predictions.npz").is_file()
+    # an explicit save_dir still wins over default_root_dir
+    assert main(["validate", "--config", "configs/devset/is2re-egnn.yaml", f"--ckpt_path={run_dir / 'checkpoints'}"
+                 "/last.ckpt", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+                 f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={tmp_path / 'own'}"]) == 0
+    assert load_record(tmp_path / "own" / "lightning_logs" / "version_0")["step"] == "validate"
+
+
+def test_runs_go_to_runs_without_default_root_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the devset paths, relative to the repository in the config, made absolute
+    paths = [f"--data.init_args.{split}_path={ROOT / 'devsets' / 'is2re' / split}" for split in ("train", "val")]
+    assert main(["fit", f"--config={ROOT / 'configs/devset/is2re-egnn.yaml'}", *QUICK[2:], *paths,
+                 "--data.init_args.test_path=null", "--data.init_args.predict_path=null"]) == 0
+    run_dir = tmp_path / "runs" / "lightning_logs" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and load_record(run_dir)["status"] == "COMPLETED"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]

@@ -8,7 +8,7 @@ an undeclared name is an ``AttributeError``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch
 from matsciml.data import keys as K
 
 
-class Batch:
+class Batch(Mapping):
     """Structures batched as flat, concatenated tensors (the PyG layout).
 
     Atoms of all structures are concatenated (``N`` in total), edges likewise (``E``),
@@ -25,34 +25,52 @@ class Batch:
     Field shapes and units are listed in :data:`matsciml.data.keys.FIELDS` and on each
     attribute's docstring (``help(Batch.forces)``).
 
+    A batch is a ``Mapping`` from field names to tensors, and ``type(batch)(mapping)``
+    rebuilds one: that is how Lightning's ``apply_to_collection`` walks it, so the Trainer's
+    dtype conversion (``precision="64-true"``) and device transfer reach every tensor.
+    Equality and hashing stay by identity (comparing tensors elementwise has no single answer).
+
     Args:
-        **fields: tensors keyed by declared field names.
+        fields: a mapping of declared field names to tensors (what ``apply_to_collection`` passes).
+        **more: tensors keyed by declared field names.
     """
 
     __slots__ = ("_data",)
+    __eq__ = object.__eq__  # Mapping compares contents, which for tensors raises
+    __hash__ = object.__hash__
 
-    def __init__(self, **fields: torch.Tensor):
-        unknown = set(fields) - set(K.FIELDS)
+    def __init__(self, fields: Mapping[str, torch.Tensor] | None = None, /, **more: torch.Tensor):
+        data = {**(fields or {}), **more}
+        unknown = set(data) - set(K.FIELDS)
         if unknown:
             raise KeyError(f"undeclared batch field(s) {sorted(unknown)}; declare them in matsciml.data.keys")
-        object.__setattr__(self, "_data", dict(fields))
+        object.__setattr__(self, "_data", data)
 
-    # -- mapping-like access ------------------------------------------------------------
-    def __contains__(self, name: str) -> bool:
+    # -- mapping access -----------------------------------------------------------------
+    def __contains__(self, name: object) -> bool:
         return name in self._data
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._data[name]
 
-    def keys(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[str]:
         return iter(self._data)
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(self._data.items())
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def keys(self) -> KeysView[str]:
+        return self._data.keys()
+
+    def items(self) -> ItemsView[str, torch.Tensor]:
+        return self._data.items()
+
+    def values(self) -> ValuesView[torch.Tensor]:
+        return self._data.values()
 
     def replace(self, **fields: torch.Tensor) -> Batch:
         """A new batch sharing every tensor except ``fields``."""
-        return Batch(**{**self._data, **fields})
+        return Batch(self._data, **fields)
 
     # -- sizes --------------------------------------------------------------------------
     @property
@@ -131,6 +149,8 @@ def _field_property(field: K.Field) -> property:
 
 
 for _field in K.FIELDS.values():
+    if hasattr(Mapping, _field.name):
+        raise TypeError(f"field name {_field.name!r} would hide Batch's Mapping method of that name; rename it")
     setattr(Batch, _field.name, _field_property(_field))
 
 

@@ -161,9 +161,13 @@ class AtomisticDataModule(pl.LightningDataModule):
             self.setup({"train": "fit", "val": "validate"}.get(split, split))
         if (context := distributed_context(self.trainer)) is not None:
             return self._distributed_loader(split, shuffle, *context)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # the order of epoch e is a permutation seeded by (seed, e), as under DDP: Lightning sets the epoch,
+        # so a run resumed at epoch e sees the batches the uninterrupted run saw (a seeded generator would
+        # restart from epoch 0's order whenever the loader is rebuilt)
+        dataset = self.datasets[split]
+        sampler = UnpaddedDistributedSampler(dataset, 1, 0, shuffle=True, seed=self.seed) if shuffle else None
         return DataLoader(
-            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+            dataset, batch_size=self.batch_size, sampler=sampler,
             num_workers=self.num_workers, collate_fn=self.collate_fn(), pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )

@@ -60,6 +60,9 @@ class UnpaddedDistributedSampler(DistributedSampler):
     Every index appears exactly once over all ranks; nothing is padded or dropped, so shares differ by at
     most one. For evaluation: ``len(dataset) >= num_replicas`` is required so that every rank logs metrics
     (a rank without batches would leave the others waiting at the metric reduction).
+
+    With one replica and ``shuffle=True`` it is the single-process training order: epoch ``e`` is the
+    permutation seeded by ``(seed, e)`` whoever iterates it, so a resumed run repeats no earlier epoch.
     """
 
     def __init__(self, dataset: Sized, num_replicas: int, rank: int, shuffle: bool = False, seed: int = 0):

@@ -121,6 +121,17 @@ class Set2Set(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, num_segments: int,
                 weights: torch.Tensor | None = None) -> torch.Tensor:
         """Readout ``(num_segments, 2 * width)`` of elements ``x`` ``(K, width)`` in segments ``index``."""
+        if x.device.type == "cpu":
+            # oneDNN has no reduced-precision LSTM on many CPUs ("could not create a primitive descriptor
+            # for the LSTM forward propagation primitive" under bf16 autocast): on CPU the readout runs in
+            # (at least) float32 with autocast off; it is a few small matrix products per structure
+            with torch.autocast("cpu", enabled=False):
+                dtype = torch.promote_types(x.dtype, torch.float32)
+                return self._readout(x.to(dtype), index, num_segments, None if weights is None else weights.to(dtype))
+        return self._readout(x, index, num_segments, weights)
+
+    def _readout(self, x: torch.Tensor, index: torch.Tensor, num_segments: int,
+                 weights: torch.Tensor | None) -> torch.Tensor:
         layers = self.lstm.num_layers
         state = (x.new_zeros(layers, num_segments, self.width), x.new_zeros(layers, num_segments, self.width))
         q_star = x.new_zeros(num_segments, 2 * self.width)

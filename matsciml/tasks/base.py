@@ -18,6 +18,7 @@ from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.normalizers import EnergyNormalizer
+from matsciml.tasks.weighted_mean import WeightedMean
 
 LossName = Literal["l1", "mse"]
 _LOSSES = {"l1": torch.nn.functional.l1_loss, "mse": torch.nn.functional.mse_loss}
@@ -240,16 +241,33 @@ class AtomisticTask(pl.LightningModule):
 
     # -- logging -----------------------------------------------------------------------
     def log_metrics(self, stage: str, metrics: Mapping[str, tuple[torch.Tensor, int]]) -> None:
-        """Log ``name: (value, weight)``; epoch values are weighted means over all ranks."""
+        """Log ``name: (value, weight)``; epoch values are weighted means over all ranks.
+
+        Training also logs each step's value (``train/<name>_step``), which stays on its rank: a
+        collective every step would cost more than the value is worth. The epoch value
+        (``train/<name>_epoch``) is accumulated in a :class:`~matsciml.tasks.weighted_mean.WeightedMean`,
+        which Lightning computes at the epoch's end, reduced over all ranks then, once.
+        """
         for name, (value, weight) in metrics.items():
             if weight == 0:
                 continue
             # the progress bar shows the training loss and the validation MAEs, not every metric
             shown = name == "loss" if stage == "train" else name in ("energy_mae", "force_mae")
+            key = f"{stage}/{name}"
+            if stage == "train":
+                means = getattr(self, "_train_means", None)
+                if means is None:  # no parameters, no persistent state: checkpoints do not change
+                    means = self._train_means = torch.nn.ModuleDict()
+                if key not in means:
+                    means[key] = WeightedMean().to(value.device)
+                means[key](value.detach().float(), float(weight))
+                self.log(key, means[key], on_step=True, on_epoch=True, prog_bar=shown,
+                         metric_attribute=f"_train_means.{key}")
+                continue
             # a float weight: Lightning keeps an integer count truncated by world size in sync_dist,
             # which inflates weighted means when ranks hold uneven shares (unpadded validation)
-            self.log(f"{stage}/{name}", value.detach().float(), batch_size=float(weight),
-                     on_step=stage == "train", on_epoch=True, sync_dist=stage != "train", prog_bar=shown)
+            self.log(key, value.detach().float(), batch_size=float(weight), on_step=False, on_epoch=True,
+                     sync_dist=True, prog_bar=shown)
 
     def energy_metrics(self, energy: torch.Tensor, target: torch.Tensor, batch: Batch) -> dict:
         error = (energy.detach() - target).abs()

@@ -1,5 +1,7 @@
 """Collation is driven by the field declaration; the batch moves, pins and prints."""
 
+from collections.abc import Mapping
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,21 @@ def test_batch_pickles_to_equal_tensors_and_keeps_autograd_tensors_as_tensors(re
     assert not torch.equal(clone.positions, batch.positions)
     grad = batch.replace(positions=batch.positions.clone().requires_grad_(True))
     assert pickle.loads(pickle.dumps(grad)).positions.requires_grad
+
+
+def test_lightning_converts_and_moves_a_batch_as_a_mapping(records):
+    # the Trainer's precision="64-true" casts inputs with apply_to_collection, which rebuilds Mappings
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from lightning.pytorch.plugins.precision import DoublePrecision
+
+    batch = collate(records)
+    assert isinstance(batch, Mapping) and len(batch) == len(list(batch.keys())) and set(batch) == set(batch.keys())
+    (converted,), kwargs = DoublePrecision().convert_input(((batch,), {}))
+    assert type(converted) is Batch and kwargs == {} and set(converted) == set(batch)
+    for name, value in batch.items():
+        expected = torch.float64 if value.is_floating_point() else value.dtype
+        assert converted[name].dtype == expected and torch.equal(converted[name], value.to(expected)), name
+    moved = move_data_to_device([batch], torch.device("cpu"))[0]
+    assert type(moved) is Batch and all(torch.equal(moved[k], v) for k, v in batch.items())
+    # equality and hashing stay by identity: Mapping's content comparison is ambiguous for tensors
+    assert batch == batch and batch != collate(records) and {batch: 1}[batch] == 1

@@ -1,10 +1,13 @@
 """DataModules follow the Lightning contract and work from the shipped devsets."""
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.training import quiet_trainer, tiny_egnn
 
 from matsciml.data import IS2REDataModule, S2EFDataModule
 from matsciml.data.batch import Batch
+from matsciml.tasks import IS2RETask
 
 
 def test_setup_builds_only_the_splits_a_stage_needs(s2ef_path):
@@ -65,3 +68,36 @@ def test_from_devset_gives_batches_for_every_split(module):
     assert next(iter(dm.val_dataloader())).num_structures == 8
     dm.setup("test")
     assert next(iter(dm.test_dataloader())).num_structures >= 1
+
+
+class TrainingOrder(pl.Callback):
+    """The structure ids of every training batch, per epoch."""
+
+    def __init__(self):
+        self.epochs: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.epochs.setdefault(trainer.current_epoch, []).extend(batch.sid.tolist())
+
+
+def test_a_resumed_run_sees_the_batches_of_the_uninterrupted_one(tmp_path):
+    # each epoch's order is seeded by (seed, epoch) and Lightning sets the epoch after a resume, so
+    # the loader rebuilt by the resumed Trainer does not start over at epoch 0's order
+    def fit(epochs: int, ckpt_path=None) -> tuple[TrainingOrder, pl.Trainer]:
+        datamodule = IS2REDataModule.from_devset(batch_size=8, seed=3)
+        datamodule.setup("fit")
+        torch.manual_seed(0)
+        task = IS2RETask(tiny_egnn(), statistics=datamodule.target_statistics)
+        order = TrainingOrder()
+        trainer = quiet_trainer(max_epochs=epochs, limit_train_batches=4, limit_val_batches=0, callbacks=[order])
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        return order, trainer
+
+    whole, _ = fit(3)
+    first, trainer = fit(1)
+    trainer.save_checkpoint(tmp_path / "epoch0.ckpt")
+    resumed, _ = fit(3, ckpt_path=tmp_path / "epoch0.ckpt")
+    assert sorted(whole.epochs) == [0, 1, 2] and sorted(resumed.epochs) == [1, 2]
+    assert len(whole.epochs[0]) == 32 and first.epochs[0] == whole.epochs[0]
+    assert resumed.epochs[1] == whole.epochs[1] and resumed.epochs[2] == whole.epochs[2]
+    assert whole.epochs[1] != whole.epochs[0] and whole.epochs[2] != whole.epochs[1]

@@ -3,7 +3,8 @@
 Usage: python ddp_script.py OUT_DIR [--devices N] [--num-nodes N] [--fail-rank R] [--compile BACKEND --energy-only]
 
 Every rank writes ``OUT_DIR/rank{global_rank}.json`` with a hash of its final weights, the validation
-metrics Lightning logged, and the structures each of its loaders visited; rank 0 saves
+metrics Lightning logged, the training metrics it logged per step (with a rank-dependent probe) and per
+epoch, and the structures each of its loaders visited; rank 0 saves
 ``OUT_DIR/model.ckpt``, then every rank predicts its share of the predict split.
 ``--fail-rank R`` makes rank R raise in its second training step. ``--compile BACKEND`` runs the model
 through ``torch.compile`` (``--energy-only``: no force loss, so training steps run compiled too).
@@ -36,6 +37,7 @@ class RecordingTask(S2EFTask):
         self.fail_rank = fail_rank
         self.seen = {"train": [], "val": []}
         self.train_atoms = []
+        self.train_logged = []  # per training step: {name: [value, weight]} as logged on this rank
 
     def training_step(self, batch, batch_idx):
         if batch_idx == 1 and self.global_rank == self.fail_rank:
@@ -47,6 +49,13 @@ class RecordingTask(S2EFTask):
     def validation_step(self, batch, batch_idx):
         self.seen["val"].extend(zip(batch.sid.tolist(), batch.fid.tolist(), strict=True))
         return super().validation_step(batch, batch_idx)
+
+    def log_metrics(self, stage, metrics):
+        if stage == "train":  # a probe far apart on the ranks, with rank-dependent weights
+            probe = torch.tensor(100.0 * self.global_rank + len(self.train_logged))
+            metrics = {**metrics, "rank_probe": (probe, self.global_rank + 1)}
+            self.train_logged.append({name: [float(v), float(w)] for name, (v, w) in metrics.items() if w})
+        super().log_metrics(stage, metrics)
 
 
 def weights_hash(module: torch.nn.Module) -> str:
@@ -80,6 +89,8 @@ def main() -> None:
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.fit(task, datamodule=datamodule)
+    train_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
+                   and k.endswith("_epoch")}
     trainer.save_checkpoint(args.out / "model.ckpt")  # collective; rank 0 writes
     loaders = {"train_sampler": type(trainer.train_dataloader.sampler).__name__,
                "val_sampler": type(trainer.val_dataloaders.sampler).__name__,
@@ -90,7 +101,8 @@ def main() -> None:
         "rank": trainer.global_rank, "world_size": trainer.world_size, "hash": weights_hash(task),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
         "seen": {**task.seen, "predict": predicted}, "predict_size": len(datamodule.datasets["predict"]),
-        "train_atoms": task.train_atoms, "compiled": "_compiled_model" in task.__dict__, **loaders,
+        "train_atoms": task.train_atoms, "train_logged": task.train_logged, "train_epoch": train_epoch,
+        "compiled": "_compiled_model" in task.__dict__, **loaders,
     }
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 

@@ -103,6 +103,22 @@ def test_ddp_matches_single_process_evaluation(tmp_path):
         assert value == pytest.approx(reference[name], rel=1e-5, abs=1e-7), name
 
 
+def test_training_epoch_metrics_are_weighted_means_over_ranks(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), str(tmp_path), "--devices", "2", "--train-batches", "3"]
+    (proc,) = run_all([(cmd, base_env())])
+    assert proc.returncode == 0, proc.output[-3000:]
+    ranks = check_ranks(tmp_path)
+    steps = [step for r in ranks for step in r["train_logged"]]
+    assert {name for step in steps for name in step} >= {"loss", "energy_mae", "force_mae", "rank_probe"}
+    local = [sum(v * w for v, w in (s["rank_probe"] for s in r["train_logged"])) for r in ranks]
+    assert local[0] < 10 < 100 < local[1]  # the probe differs on the two ranks: an unreduced mean would show
+    for name in {name for step in steps for name in step}:
+        pairs = [step[name] for step in steps if name in step]
+        expected = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+        for r in ranks:  # every rank holds the same, global, epoch value
+            assert r["train_epoch"][f"train/{name}_epoch"] == pytest.approx(expected, rel=1e-5), (name, r["rank"])
+
+
 def test_ddp_trains_a_compiled_model(tmp_path):
     # energy-only: with a force loss, training steps run eagerly (torch.compile has no double backward)
     cmd = [sys.executable, str(SCRIPT), str(tmp_path), "--compile", "aot_eager", "--energy-only"]

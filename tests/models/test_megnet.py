@@ -162,3 +162,16 @@ def test_default_sized_model_is_extensive():
     assert torch.allclose(energy_super, 4 * energy, atol=1e-8, rtol=1e-10)
     assert torch.allclose(forces_super, forces.repeat(4, 1), atol=1e-9)
     assert float(forces.abs().max()) > 1e-3
+
+
+def test_set2set_lstm_runs_in_float32_under_cpu_autocast():
+    # oneDNN has no bf16 LSTM on many CPUs ("could not create a primitive descriptor for the LSTM
+    # forward propagation primitive"): under CPU autocast the readouts' LSTMs must see float32
+    model = small_megnet().eval()
+    seen = []
+    for readout in (model.node_readout, model.edge_readout):
+        readout.lstm.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out[0].dtype)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        energy = model(graph([slab(), small_bulk()], dtype=torch.float32))
+    assert energy.dtype == torch.float32 and torch.isfinite(energy).all()
+    assert seen and set(seen) == {(torch.float32, torch.float32)}

@@ -1,7 +1,8 @@
-"""Accelerators: XPU is a valid name, absent devices fail clearly, GPU precisions (where a GPU is)."""
+"""Accelerators: XPU is a valid name, absent devices fail clearly, GPU precisions (where a GPU is), float64."""
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,7 @@ from matsciml.accelerators import AcceleratorUnavailable, XPUAccelerator, check_
 from matsciml.cli import main
 from matsciml.data.datamodules import S2EFDataModule
 from matsciml.tasks import S2EFTask
+from matsciml.training_cli import run
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_XPU = hasattr(torch, "xpu") and torch.xpu.is_available()
@@ -72,3 +74,33 @@ def test_trains_on_gpu_with_float32_forces(precision):
         mixed = task(batch)
     assert mixed["forces"].dtype == torch.float32 and mixed["energy"].dtype == torch.float32
     torch.testing.assert_close(mixed["forces"], reference["forces"], rtol=1e-4, atol=1e-5)
+
+
+class PositionDtypes(pl.Callback):
+    """Records the dtype of the positions and of the weights each training forward pass of the model sees."""
+
+    def __init__(self):
+        self.seen: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        weight = next(pl_module.model.parameters())
+
+        def record(module, args):
+            if module.training:
+                self.seen.append((args[0].positions.dtype, weight.dtype))
+
+        pl_module.model.register_forward_pre_hook(record)
+
+
+def test_cli_fits_in_float64_with_precision_64_true(tmp_path, monkeypatch):
+    # Lightning's DoublePrecision converts the batch through apply_to_collection: a Batch is a Mapping
+    monkeypatch.chdir(ROOT)
+    probe = PositionDtypes()
+    run(["fit", "--config", "configs/devset/s2ef-egnn.yaml", "--trainer.precision=64-true",
+         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+         "--trainer.log_every_n_steps=1",
+         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+         "--model.init_args.model.init_args.hidden=8", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        extra_callbacks=[probe])
+    assert probe.seen == [(torch.float64, torch.float64)] * 2
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
