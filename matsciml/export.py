@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ase.data import chemical_symbols
 
 from matsciml import provenance
 from matsciml.models.base import AbstractEnergyModel
@@ -235,12 +236,22 @@ def model_card(task: AtomisticTask, checkpoint: dict[str, Any], checkpoint_path:
         "outputs": outputs, "units": UNITS,
         "normalization": {"note": "the energy normaliser (shift, scale, element references) is buffers in the "
                                   "weights: predictions come out in eV with no other file",
-                          "shift": float(task.normalizer.shift), "scale": float(task.normalizer.scale)},
+                          "shift": float(task.normalizer.shift), "scale": float(task.normalizer.scale),
+                          "element_references": {chemical_symbols[z]: ref for z, ref in
+                                                 task.normalizer.reference_energies().items()},
+                          "element_references_source": _references_source(task)},
         "training_data": training, "intended_use": intended_use,
         "checkpoint": {"name": checkpoint_path.name, "sha256": provenance.sha256_file(checkpoint_path),
                        "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")},
         "exported_by": provenance.code_version(), "created_at": provenance.now(),
     }
+
+
+def _references_source(task: AtomisticTask) -> str:
+    setting = getattr(task, "element_references", None)
+    if setting == "fit":
+        return "least-squares fit on the training split's composition (eV per atom of each element)"
+    return "given" if setting else "none"
 
 
 def package_files(checkpoint_path: Path, intended_use: str | None = None) -> dict[str, bytes]:
