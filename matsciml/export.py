@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from ase.data import chemical_symbols
 
 from matsciml import provenance
 from matsciml.atomic import replace_path
@@ -261,7 +262,10 @@ def model_card(task: AtomisticTask, checkpoint: dict[str, Any], checkpoint_path:
         "outputs": outputs, "units": UNITS, "radius_graph": _radius_graph_card(task),
         "normalization": {"note": "the energy normaliser (shift, scale, element references) is buffers in the "
                                   "weights: predictions come out in eV with no other file",
-                          "shift": float(task.normalizer.shift), "scale": float(task.normalizer.scale)},
+                          "shift": float(task.normalizer.shift), "scale": float(task.normalizer.scale),
+                          "element_references": {chemical_symbols[z]: ref for z, ref in
+                                                 task.normalizer.reference_energies().items()},
+                          "element_references_source": _references_source(task)},
         "training_data": training, "intended_use": intended_use,
         "checkpoint": {"name": checkpoint_path.name, "sha256": provenance.sha256_file(checkpoint_path),
                        "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")},
@@ -278,6 +282,13 @@ def _radius_graph_card(task: AtomisticTask) -> dict[str, Any] | None:
     note = ("capped: energies and forces jump where neighbours swap rank; load with max_neighbors=None for a "
             "continuous surface" if capped else "every neighbour within the cutoff: a continuous surface")
     return {**graph, "note": note}
+
+
+def _references_source(task: AtomisticTask) -> str:
+    setting = getattr(task, "element_references", None)
+    if setting == "fit":
+        return "least-squares fit on the training split's composition (eV per atom of each element)"
+    return "given" if setting else "none"
 
 
 def package_files(checkpoint_path: Path, intended_use: str | None = None,

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from matsciml.data.batch import collate
 from matsciml.data.datasets import IS2REDataset, LMDBDataset, S2EFDataset, Transform
 from matsciml.data.devsets import devset_path
-from matsciml.data.formats.card import DatasetStatistics
+from matsciml.data.formats.card import DatasetStatistics, stale_statistics
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.pointcloud import DEFAULT_NUM_SPECIES, PointCloudCollate, PointCloudSample
 from matsciml.data.progress import progress_bar
@@ -199,15 +199,22 @@ class AtomisticDataModule(pl.LightningDataModule):
 
     # -- what the data knows (linked into models by the CLI) ---------------------------
     def _card(self) -> dict | None:
-        """The first available split's card; for files without one (OC20), an estimate."""
+        """The first available split's card; for files without one (OC20), an estimate.
+
+        Cards written before the composition sums and free-atom force statistics existed (the
+        shipped devsets') are recomputed from every record of that split, once, in one pass.
+        """
         for split in ("train", "val", "test", "predict"):
             if self.paths[split] is not None:
                 self.setup({"train": "fit", "val": "validate"}.get(split, split))
                 dataset = self.datasets[split]
-                if dataset.metadata is not None:
+                if dataset.metadata is not None and not stale_statistics(dataset.metadata):
                     return dataset.metadata
                 if self._sampled_card is None:
-                    self._sampled_card = sampled_card(dataset, self.statistics_sample, self.seed)
+                    if dataset.metadata is None:
+                        self._sampled_card = sampled_card(dataset, self.statistics_sample, self.seed)
+                    else:
+                        self._sampled_card = {**dataset.metadata, **sampled_card(dataset, len(dataset), self.seed)}
                 return self._sampled_card
         return None
 
@@ -230,7 +237,8 @@ class AtomisticDataModule(pl.LightningDataModule):
 
 
 def sampled_card(dataset: LMDBDataset, sample: int, seed: int) -> dict:
-    """Element set and target statistics from a seeded sample of ``sample`` records."""
+    """Element set and target statistics from a seeded sample of ``sample`` records (all when
+    ``sample >= len(dataset)``); the records are read without transforms (no graphs built)."""
     count = min(sample, len(dataset))
     indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=count, replace=False))
     statistics = DatasetStatistics(dataset.task)

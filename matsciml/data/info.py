@@ -10,8 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from matsciml.data import keys as K
+from matsciml.data.composition import fit_references
 from matsciml.data.datasets import LMDBDataset
-from matsciml.data.formats.card import DatasetStatistics
+from matsciml.data.formats.card import COMPOSITION, DatasetStatistics
 
 #: Legacy OC20 files carry no card: summarise this many records instead of all of them.
 LEGACY_SAMPLE = 1000
@@ -64,7 +65,11 @@ def describe(path: str | Path, as_json: bool = False, console: Console | None = 
         ("natoms", _natoms_summary(card["natoms_histogram"])),
     ]
     for name, stats in card["statistics"].items():
-        if name == K.FORCES:
+        if name == COMPOSITION:  # the sums themselves are unreadable: show the references they give
+            fitted = fit_references(stats)
+            rows.append(("references eV", " ".join(f"{chemical_symbols[z]}:{r:+.3f}" for z, r in fitted.items())
+                         + "  (least squares per atom, less the mean shift)"))
+        elif name == K.FORCES:
             norms = stats["norms"]
             rows.append(("|forces| eV/Å", f"mean {norms['mean']:.3f}  std {norms['std']:.3f}  max {norms['max']:.3f}"))
         else:

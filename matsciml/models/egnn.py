@@ -30,7 +30,7 @@ from torch import nn
 
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
-from matsciml.models.layers import mlp
+from matsciml.models.layers import init_output_layer, mlp
 
 
 class EGNNLayer(nn.Module):
@@ -100,6 +100,7 @@ class EGNN(AbstractEnergyModel):
             for _ in range(num_layers)
         )
         self.output = mlp([hidden] + [output_hidden] * (output_depth - 1) + [1], activation)
+        init_output_layer(self.output[-1])
 
     def energy(self, batch: Batch) -> torch.Tensor:
         numbers = batch.atomic_numbers

@@ -62,7 +62,7 @@ from matsciml.models.gala_layers import (
     MaskedMomentumLayerNormalization,
     MaskedMomentumNormalization,
 )
-from matsciml.models.layers import ACTIVATIONS
+from matsciml.models.layers import ACTIVATIONS, init_output_layer
 
 #: smooth activations only: forces are derivatives of the energy
 SMOOTH_ACTIVATIONS = ("silu", "tanh")
@@ -243,6 +243,7 @@ class Gala(AbstractEnergyModel):
         self.pool = settings.invariant(reduce=True)
         self.species = nn.Linear(num_species, hidden, bias=False)
         self.output = nn.Sequential(nn.Linear(hidden, hidden), settings.act(), nn.Linear(hidden, 1))
+        init_output_layer(self.output[-1])
 
     @property
     def input_dim(self) -> int:

@@ -55,3 +55,21 @@ def mlp(sizes: Sequence[int], activation: str, last_activation: bool = False) ->
         if index < len(sizes) - 2 or last_activation:
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
+
+
+#: Last-layer weights start at this fraction of their default initialisation.
+OUTPUT_GAIN = 1e-2
+
+
+def init_output_layer(layer: nn.Linear, gain: float = OUTPUT_GAIN) -> None:
+    """Start a model's last layer small (weights times ``gain``, zero bias).
+
+    The raw output of an untrained model is then near zero, so the task's normaliser alone
+    (shift per atom and element references) is its first prediction: the training mean or the
+    least-squares composition fit, rather than that plus a random energy of the scale's size.
+    The weights stay non-zero so every layer gets a gradient from the first step.
+    """
+    with torch.no_grad():
+        layer.weight.mul_(gain)
+        if layer.bias is not None:
+            layer.bias.zero_()

@@ -50,6 +50,8 @@ smooth, so forces are continuous; ``"silu"`` is the alternative. Linear layers s
 Glorot-uniform weights and zero biases (Keras's default, which the reference
 implementation used): with PyTorch's default (a third of the variance) the distance signal
 fades through the ~20 layers and the initial forces come out some 50 times smaller.
+The last layer then starts at a hundredth of that (:func:`~matsciml.models.layers.init_output_layer`),
+so an untrained model predicts the normaliser's baseline; Adam's steps do not shrink with it.
 
 Other defaults follow the Open MatSci ML Toolkit paper's Table 4: node embedding 5, state 9,
 4 blocks, dense pre-layers [128, 64], update MLPs [128, 128, 64], Set2Set with 5 LSTM layers
@@ -67,7 +69,7 @@ from torch import nn
 
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
-from matsciml.models.layers import check_activation, mlp
+from matsciml.models.layers import check_activation, init_output_layer, mlp
 
 #: smooth activations only: forces are derivatives of the energy
 SMOOTH_ACTIVATIONS = ("softplus", "silu")
@@ -302,6 +304,7 @@ class MegNet(AbstractEnergyModel):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+        init_output_layer(self.output[-1])
 
     def energy(self, batch: Batch) -> torch.Tensor:
         numbers = batch.atomic_numbers

@@ -16,6 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
+from matsciml.data.composition import fit_references, residual_moments
+from matsciml.data.formats.card import COMPOSITION
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.normalizers import EnergyNormalizer
 from matsciml.tasks.weighted_mean import WeightedMean
@@ -46,6 +48,27 @@ def _graph_record(graph: Mapping[str, Any]) -> dict[str, Any]:
     return {"cutoff": float(cutoff), "max_neighbors": cap}
 
 
+def _check_references(references: Any, extensive: bool, energy_key: str) -> Mapping[int, float] | str | None:
+    if references is None or (isinstance(references, Mapping) and not references):
+        return None
+    if not extensive:
+        # adsorption energies are already differences against the clean slab and gas-phase
+        # references; a composition term would make them grow with the slab's size
+        raise ValueError(f"element_references apply to total energies (S2EF); {energy_key!r} is an adsorption "
+                         "energy, already referenced to the slab and gas phase: leave element_references unset")
+    if references == "fit" or isinstance(references, Mapping):
+        return references
+    raise TypeError(f"element_references must be a dict atomic number -> eV or 'fit', got {references!r}")
+
+
+def _composition(statistics: Mapping[str, Any]) -> Mapping[str, Any]:
+    if COMPOSITION not in statistics:
+        raise ValueError(f"element references need the training statistics' {COMPOSITION!r} sums, which these "
+                         "statistics lack; pass datamodule.target_statistics of a matsciml data module "
+                         "(it recomputes old cards)")
+    return statistics[COMPOSITION]
+
+
 class AtomisticTask(pl.LightningModule):
     """Base of :class:`~matsciml.tasks.S2EFTask` and :class:`~matsciml.tasks.IS2RETask`.
 
@@ -57,7 +80,10 @@ class AtomisticTask(pl.LightningModule):
             linked by the CLI); when ``None``, taken from the trainer's datamodule in ``setup``.
         species: atomic numbers present in the data (linked by the CLI); checked against the
             model's ``num_species``.
-        element_references: reference energy in eV per atomic number, added to predictions.
+        element_references: reference energy in eV per atomic number, added to predictions, or
+            ``"fit"``: fitted by least squares on the training split's composition (from its card's
+            composition sums). Shift and scale are then statistics of the reference-subtracted
+            energies, so an untrained model predicts the fit. Total energies only (S2EF).
         normalize: learn in normalised units (shift and scale from ``statistics``).
         loss: ``"l1"`` (default, as in the paper) or ``"mse"``.
         compile: run the energy model through ``torch.compile``: ``True`` (with ``dynamic=True``,
@@ -85,7 +111,7 @@ class AtomisticTask(pl.LightningModule):
         gamma: float = 0.9,
         statistics: dict | None = None,
         species: list[int] | None = None,
-        element_references: dict[int, float] | None = None,
+        element_references: dict[int, float] | Literal["fit"] | None = None,
         normalize: bool = True,
         loss: LossName = "l1",
         compile: bool | dict[str, Any] = False,
@@ -108,7 +134,9 @@ class AtomisticTask(pl.LightningModule):
         self.species = None if species is None else sorted(int(z) for z in species)
         self.graph = None if graph is None else _graph_record(graph)
         self._check_species()
-        self.normalizer = EnergyNormalizer(per_atom=self.extensive, element_references=element_references)
+        self.element_references = _check_references(element_references, self.extensive, self.energy_key)
+        given = None if element_references == "fit" else element_references
+        self.normalizer = EnergyNormalizer(per_atom=self.extensive, element_references=given)
         # the training-mean energy, for the mean-energy baseline metric (eV)
         self.register_buffer("mean_energy", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("fitted", torch.tensor(False))
@@ -120,14 +148,24 @@ class AtomisticTask(pl.LightningModule):
 
     # -- normalisation ---------------------------------------------------------------
     def normalizer_settings(self, statistics: Mapping[str, Any]) -> tuple[float, float]:
-        """``(shift, scale)`` for this task from the training statistics."""
+        """``(shift, scale)`` for this task from the training statistics (after
+        :meth:`energy_statistics` has subtracted the normaliser's references)."""
         raise NotImplementedError
+
+    def energy_statistics(self, statistics: Mapping[str, Any], per_atom: bool) -> Mapping[str, float]:
+        """Mean and std of the training energies (per atom or total) less the element references."""
+        references = self.normalizer.reference_energies()
+        if not references:
+            return statistics[f"{self.energy_key}_per_atom" if per_atom else self.energy_key]
+        return residual_moments(_composition(statistics)["per_atom" if per_atom else "total"], references)
 
     def fit_normalizer(self, statistics: Mapping[str, Any]) -> None:
         """Set the normaliser (and the mean-energy baseline) from training statistics."""
         if self.energy_key not in statistics:
             raise ValueError(f"statistics have no {self.energy_key!r} entry (keys: {sorted(statistics)})")
         self.mean_energy.fill_(float(statistics[self.energy_key]["mean"]))
+        if self.element_references == "fit":
+            self.normalizer.set_references(fit_references(_composition(statistics)))
         if self.normalize:
             shift, scale = self.normalizer_settings(statistics)
             self.normalizer.shift.fill_(shift)

@@ -4,8 +4,11 @@ A model's raw output ``y`` becomes an energy in eV as
 
     E = scale * y + shift * (natoms if per_atom else 1) + sum_i reference[Z_i]
 
-so a freshly initialised model already predicts the training mean and forces come out
-scaled by ``scale`` (``F = -scale * dy/dx``). Every quantity is a buffer: it is saved in
+so a freshly initialised model (raw output near zero: the models start their last layer
+small) predicts ``shift * natoms + sum ref[Z]`` - the training mean, or with references the
+least-squares composition fit - and forces come out scaled by ``scale`` (``F = -scale * dy/dx``).
+``shift`` and ``scale`` are statistics of the reference-subtracted energies, so references
+are never counted twice. Every quantity is a buffer: it is saved in
 the checkpoint and moves with the module between devices.
 """
 
@@ -39,15 +42,23 @@ class EnergyNormalizer(nn.Module):
         super().__init__()
         if not scale > 0:
             raise ValueError(f"normaliser scale must be positive, got {scale}")
-        references = torch.zeros(MAX_ATOMIC_NUMBER + 1, dtype=torch.float64)
-        for number, energy in (element_references or {}).items():
-            if not 1 <= int(number) <= MAX_ATOMIC_NUMBER:
-                raise ValueError(f"element reference for atomic number {number} is out of range")
-            references[int(number)] = float(energy)
         self.register_buffer("shift", torch.tensor(float(shift), dtype=torch.float64))
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
         self.register_buffer("per_atom", torch.tensor(bool(per_atom)))
-        self.register_buffer("references", references)
+        self.register_buffer("references", torch.zeros(MAX_ATOMIC_NUMBER + 1, dtype=torch.float64))
+        self.set_references(element_references or {})
+
+    def set_references(self, element_references: Mapping[int, float]) -> None:
+        """Replace the reference energies (eV per atomic number; others become zero)."""
+        self.references.zero_()
+        for number, energy in element_references.items():
+            if not 1 <= int(number) <= MAX_ATOMIC_NUMBER:
+                raise ValueError(f"element reference for atomic number {number} is out of range")
+            self.references[int(number)] = float(energy)
+
+    def reference_energies(self) -> dict[int, float]:
+        """The non-zero reference energies, eV per atomic number."""
+        return {int(z): float(self.references[z]) for z in torch.nonzero(self.references).flatten().tolist()}
 
     def baseline(self, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
         """The energy each structure gets from a zero raw output, ``(num_structures,)``."""
@@ -65,4 +76,6 @@ class EnergyNormalizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "per atom" if bool(self.per_atom) else "per structure"
-        return f"shift={float(self.shift):.4g} eV {kind}, scale={float(self.scale):.4g}"
+        references = self.reference_energies()
+        text = f"shift={float(self.shift):.4g} eV {kind}, scale={float(self.scale):.4g}"
+        return text + (f", references for {len(references)} elements" if references else "")

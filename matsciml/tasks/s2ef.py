@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -30,6 +30,20 @@ def autograd_enabled() -> Iterator[None]:
         yield
 
 
+#: Cells of smaller volume (Å^3) count as none: a molecule's zero cell has no stress.
+MIN_CELL_VOLUME = 1e-3
+
+
+def cell_volumes(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Volume ``(B,)`` in Å^3 and whether each structure has a cell: periodic along all three
+    lattice vectors with a non-zero volume. Stress ``(1/V) dE/dstrain`` exists only there."""
+    volume = torch.linalg.det(batch.cell).abs()
+    has_cell = volume > MIN_CELL_VOLUME
+    if batch.pbc is not None:
+        has_cell = has_cell & batch.pbc.all(dim=1)
+    return volume, has_cell
+
+
 def autograd_batch(batch: Batch) -> Batch:
     """A copy of ``batch`` whose tensors may enter autograd (inference tensors cannot)."""
     if not any(t.is_inference() for _, t in batch.items()):
@@ -43,15 +57,19 @@ class S2EFTask(AtomisticTask):
     Args:
         model: the energy model.
         regress_forces: predict forces as ``-dE/dx`` and train on them.
-        regress_stress: predict stress ``(1/V) dE/dstrain`` and train on it (records need ``stress``).
+        regress_stress: predict stress ``(1/V) dE/dstrain`` and train on it where records carry
+            ``stress`` and a cell; structures without a cell (molecules) still get energy and forces.
         lr, gamma: Adam learning rate and ExponentialLR decay per epoch.
         energy_coefficient, force_coefficient, stress_coefficient: loss weights.
         statistics, species, element_references, normalize, loss, compile, graph: see :class:`AtomisticTask`.
 
-    The energy normaliser shifts by the mean energy per atom and scales by the std of the
-    force components (so normalised forces have unit variance), or by the energy std when
-    forces are not regressed. Losses are in these normalised units; metrics are in eV, eV/Å.
-    Atoms marked ``fixed`` are left out of force losses and metrics.
+    The energy normaliser shifts by the mean energy per atom (less the element references, if
+    any) and scales by the std of the free atoms' force components (so normalised forces have
+    unit variance), or by the energy std when forces are not regressed. Losses are in these
+    normalised units; metrics are in eV, eV/Å, eV/Å^3. Atoms marked ``fixed`` are left out of
+    force losses, metrics and statistics. The stress loss compares virials per atom,
+    ``stress * V / natoms``, in units of the energy scale: the stress scale of a structure is
+    ``scale / (V / natoms)`` in eV/Å^3, the same normalisation as the per-atom energy loss.
     """
 
     task = "s2ef"
@@ -70,7 +88,7 @@ class S2EFTask(AtomisticTask):
         stress_coefficient: float = 1.0,
         statistics: dict | None = None,
         species: list[int] | None = None,
-        element_references: dict[int, float] | None = None,
+        element_references: dict[int, float] | Literal["fit"] | None = None,
         normalize: bool = True,
         loss: LossName = "l1",
         compile: bool | dict[str, Any] = False,
@@ -88,11 +106,11 @@ class S2EFTask(AtomisticTask):
         self.stress_coefficient = stress_coefficient
 
     def normalizer_settings(self, statistics: Mapping[str, Any]) -> tuple[float, float]:
-        shift = float(statistics[f"{K.ENERGY}_per_atom"]["mean"])
+        shift = float(self.energy_statistics(statistics, per_atom=True)["mean"])
         if self.regress_forces and K.FORCES in statistics:
-            scale = float(statistics[K.FORCES]["components"]["std"])
+            scale = float(statistics[K.FORCES]["components"]["std"])  # free atoms only (see the card)
         else:
-            scale = float(statistics[K.ENERGY]["std"])
+            scale = float(self.energy_statistics(statistics, per_atom=False)["std"])
         return shift, scale if scale > 0 else 1.0
 
     @property
@@ -101,7 +119,11 @@ class S2EFTask(AtomisticTask):
 
     # -- prediction --------------------------------------------------------------------
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Energies ``(B,)`` in eV, and forces ``(N, 3)`` in eV/Å / stress ``(B, 3, 3)`` in eV/Å^3."""
+        """Energies ``(B,)`` in eV, and forces ``(N, 3)`` in eV/Å / stress ``(B, 3, 3)`` in eV/Å^3.
+
+        Stress is returned when at least one structure has a cell (:func:`cell_volumes`); the
+        rows of structures without one (molecules) are NaN, as their stress is undefined.
+        """
         batch = as_batch(batch)
         if not (self.regress_forces or self.regress_stress):
             return {"energy": self.energy(batch)}
@@ -128,8 +150,11 @@ class S2EFTask(AtomisticTask):
         if self.regress_forces:
             out["forces"] = -gradients[0]
         if self.regress_stress:
-            volume = torch.linalg.det(batch.cell).abs().to(energy.dtype)
-            out["stress"] = gradients[-1] / volume[:, None, None]
+            volume, has_cell = cell_volumes(batch)
+            if bool(has_cell.any()):
+                volume = torch.where(has_cell, volume, torch.ones_like(volume)).to(energy.dtype)
+                stress = gradients[-1] / volume[:, None, None]
+                out["stress"] = stress.masked_fill(~has_cell[:, None, None], float("nan"))
         return out
 
     # -- steps -------------------------------------------------------------------------
@@ -149,14 +174,16 @@ class S2EFTask(AtomisticTask):
             if forces.numel():
                 loss = loss + self.force_coefficient * self.loss_fn(forces / scale, target_forces / scale)
                 metrics.update(self.force_metrics(forces.detach(), target_forces))
-        if self.regress_stress:
-            if batch.stress is None:
-                raise ValueError("regress_stress=True but the batch has no 'stress' targets")
-            stress_scale = scale / torch.linalg.det(batch.cell).abs().to(dtype).mean() ** (1 / 3)
-            target_stress = batch.stress.to(dtype)
-            loss = loss + self.stress_coefficient * self.loss_fn(out["stress"] / stress_scale,
-                                                                 target_stress / stress_scale)
-            metrics["stress_mae"] = ((out["stress"].detach() - target_stress).abs().mean(), batch.num_structures)
+        if self.regress_stress and "stress" in out and batch.stress is not None:
+            volume, has_cell = cell_volumes(batch)
+            labelled = has_cell & torch.isfinite(batch.stress).all(dim=2).all(dim=1)
+            if bool(labelled.any()):
+                # eV/Å^3 per structure: stress * (V / natoms) / scale is a virial per atom in energy units
+                stress_scale = (scale / (volume.to(dtype) / natoms))[labelled][:, None, None]
+                stress, target_stress = out["stress"][labelled], batch.stress.to(dtype)[labelled]
+                loss = loss + self.stress_coefficient * self.loss_fn(stress / stress_scale,
+                                                                     target_stress / stress_scale)
+                metrics["stress_mae"] = ((stress.detach() - target_stress).abs().mean(), int(labelled.sum()))
         return loss, metrics
 
     @staticmethod

@@ -194,3 +194,31 @@ def test_a_replaced_dataset_is_read_afresh_in_the_same_process(tmp_path):
     assert len(dataset) == 2 and [int(dataset[i]["sid"]) for i in range(2)] == [7, 8]
     lmdb_shards.reader(lmdb_shards.shard_paths(path)[0])  # the shared environment stays usable
     assert int(LMDBDataset(path)[1]["sid"]) == 8
+
+
+def test_card_statistics_leave_out_fixed_atoms_and_give_the_composition_fit():
+    import numpy as np
+
+    from matsciml.data.composition import fit_references, residual_moments
+    from matsciml.data.formats.card import COMPOSITION, DatasetStatistics
+
+    rng = np.random.default_rng(0)
+    truth, stats, rows = {1: -3.0, 8: -5.0, 29: -4.0}, DatasetStatistics("s2ef"), []
+    for _ in range(30):
+        numbers = rng.choice([1, 8, 29], size=int(rng.integers(3, 9)))
+        energy = sum(truth[int(z)] for z in numbers) + rng.normal(0, 0.01)
+        fixed = np.zeros(len(numbers), dtype=bool)
+        fixed[0] = True
+        forces = rng.normal(size=(len(numbers), 3))
+        forces[0] = 100.0  # a fixed atom's force must not reach the statistics
+        stats.add({"natoms": np.int64(len(numbers)), "atomic_numbers": numbers, "energy": np.float64(energy),
+                   "forces": forces, "fixed": fixed})
+        rows.append((numbers, energy))
+    summary = stats.summary()["statistics"]
+    assert summary["forces"]["free_atoms_only"] and summary["forces"]["components"]["max"] < 100.0
+    fitted = fit_references(summary[COMPOSITION])
+    residual = residual_moments(summary[COMPOSITION]["per_atom"], fitted)
+    # the fit plus its shift reproduces the true references; the residual is the added noise
+    for z, ref in truth.items():
+        assert fitted[z] + residual["mean"] == pytest.approx(ref, abs=0.01)
+    assert residual["std"] < 0.01

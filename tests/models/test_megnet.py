@@ -161,7 +161,7 @@ def test_default_sized_model_is_extensive():
     energy_super, forces_super = energy_and_forces(model, graph([atoms.repeat((2, 2, 1))]))
     assert torch.allclose(energy_super, 4 * energy, atol=1e-8, rtol=1e-10)
     assert torch.allclose(forces_super, forces.repeat(4, 1), atol=1e-9)
-    assert float(forces.abs().max()) > 1e-3
+    assert float(forces.abs().max()) > 1e-5  # far above atol: the check is not vacuous (last layer starts small)
 
 
 def test_set2set_lstm_runs_in_float32_under_cpu_autocast():

@@ -5,10 +5,12 @@ import pytest
 import torch
 from helpers.physics import small_bulk
 from helpers.training import quiet_trainer, tiny_egnn
+from lightning.pytorch import seed_everything
 
 from matsciml.data.datamodules import S2EFDataModule
+from matsciml.data.formats.card import stale_statistics
 from matsciml.data.structures import batch_from_atoms
-from matsciml.models import MegNet
+from matsciml.models import EGNN, MegNet
 from matsciml.tasks import S2EFLitModule, S2EFTask
 
 
@@ -243,3 +245,122 @@ def test_trains_on_cpu_at_each_precision(datamodule, precision, model):
     trainer.fit(task, datamodule=datamodule)
     metrics = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
     assert np.isfinite(metrics["val/force_mae"]) and metrics["val/force_mae"] > 0
+
+
+# -- element references, honest statistics, stress only with a cell --------------------------------
+def _training_fit(datamodule):
+    """Per-atom least-squares composition fit of the training energies, from the raw records."""
+    dataset = datamodule.datasets["train"]
+    records = [dataset.read(i) for i in range(len(dataset))]
+    numbers = sorted({int(z) for r in records for z in r["atomic_numbers"]})
+    counts = np.array([[np.sum(r["atomic_numbers"] == z) for z in numbers] for r in records], dtype=float)
+    natoms = counts.sum(axis=1)
+    energy = np.array([float(r["energy"]) for r in records])
+    solution = np.linalg.lstsq(counts / natoms[:, None], energy / natoms, rcond=None)[0]
+    return dict(zip(numbers, solution.tolist(), strict=True)), counts @ solution, energy
+
+
+def _zero_output(model):
+    torch.nn.init.zeros_(model.output[-1].weight)
+    torch.nn.init.zeros_(model.output[-1].bias)
+    return model
+
+
+def _train_energies(task, datamodule):
+    task.eval()
+    return torch.cat([task(b)["energy"].detach().double() for b in datamodule.train_dataloader()]).numpy()
+
+
+def test_fresh_task_with_fitted_references_predicts_the_least_squares_fit(datamodule):
+    _, fit, energy = _training_fit(datamodule)
+    torch.manual_seed(0)
+    exact = S2EFTask(_zero_output(tiny_egnn()), statistics=datamodule.target_statistics, element_references="fit")
+    np.testing.assert_allclose(_train_energies(exact, datamodule), fit, rtol=1e-5)
+    torch.manual_seed(0)
+    fresh = S2EFTask(EGNN(cutoff=6.0), statistics=datamodule.target_statistics, element_references="fit")
+    deviation = np.abs(_train_energies(fresh, datamodule) - fit).mean()
+    assert deviation < 0.2 * np.abs(energy - fit).mean()  # the untrained output is near zero
+
+
+def test_given_references_are_subtracted_before_the_statistics(datamodule):
+    references, fit, _ = _training_fit(datamodule)
+    given = S2EFTask(_zero_output(tiny_egnn()), statistics=datamodule.target_statistics,
+                     element_references=references)  # the old code added these to the raw mean too
+    np.testing.assert_allclose(_train_energies(given, datamodule), fit, rtol=1e-5)
+
+
+def test_first_epoch_energy_error_is_at_most_the_mean_baseline(datamodule):
+    """A real Lightning epoch of the devset config's EGNN: the energy MAE must not exceed the mean's."""
+    seed_everything(0)
+    shuffled = S2EFDataModule.from_devset(batch_size=4)
+    task = S2EFTask(EGNN(cutoff=6.0), lr=0.003, gamma=0.95, element_references="fit")
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(task, datamodule=shuffled)
+    assert trainer.global_step == len(shuffled.train_dataloader()) == 50
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/energy_mae"]) <= float(metrics["val/energy_mae_baseline"])
+
+
+def test_force_statistics_leave_out_fixed_atoms(datamodule):
+    card = datamodule.datasets["train"].metadata
+    assert stale_statistics(card)  # the shipped card's force statistics include fixed atoms ...
+    dataset = datamodule.datasets["train"]
+    free = np.concatenate([dataset.read(i)["forces"][~dataset.read(i)["fixed"]] for i in range(len(dataset))])
+    stats = datamodule.target_statistics  # ... so the data module recomputes them
+    assert stats["forces"]["free_atoms_only"]
+    assert stats["forces"]["components"]["std"] == pytest.approx(free.std(), rel=1e-6)
+    assert stats["forces"]["components"]["count"] == free.size
+    task = S2EFTask(tiny_egnn(), statistics=stats)
+    assert float(task.normalizer.scale) == pytest.approx(free.std(), rel=1e-6)
+
+
+def _bulk_and_molecule():
+    from ase import Atoms
+
+    molecule = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    return [small_bulk(), molecule]
+
+
+def test_stress_task_gives_energy_and_forces_for_a_molecule():
+    torch.manual_seed(0)
+    task = S2EFTask(tiny_egnn(cutoff=5.0), regress_stress=True).double()
+    batch = batch_from_atoms(_bulk_and_molecule(), cutoff=5.0, max_neighbors=None, dtype=torch.float64)
+    out = task.eval()(batch)
+    assert torch.isfinite(out["energy"]).all() and torch.isfinite(out["forces"]).all()
+    assert torch.isfinite(out["stress"][0]).all() and torch.isnan(out["stress"][1]).all()
+    alone = task(batch_from_atoms(_bulk_and_molecule()[1:], cutoff=5.0, max_neighbors=None, dtype=torch.float64))
+    assert "stress" not in alone and torch.isfinite(alone["forces"]).all()
+
+
+def test_stress_loss_masks_structures_without_a_cell_or_labels_and_has_stress_units():
+    torch.manual_seed(0)
+    task = S2EFTask(tiny_egnn(cutoff=5.0), regress_stress=True, energy_coefficient=0.0,
+                    force_coefficient=0.0).double().train()
+    structures = _bulk_and_molecule() + [small_bulk()]
+    batch = batch_from_atoms(structures, cutoff=5.0, max_neighbors=None, dtype=torch.float64)
+    stress = torch.randn(3, 3, 3, dtype=torch.float64) * 0.01
+    stress[2] = float("nan")  # no label for the second bulk
+    batch = batch.replace(energy=torch.zeros(3, dtype=torch.float64), forces=torch.zeros_like(batch.positions),
+                          stress=stress)
+    loss, metrics = task.step(batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
+    assert metrics["stress_mae"][1] == 1  # only the labelled bulk
+    predicted = task(batch)["stress"][0].detach()
+    volume_per_atom = structures[0].get_volume() / len(structures[0])
+    stress_scale = float(task.normalizer.scale) / volume_per_atom  # eV/Å^3
+    expected = (predicted - stress[0]).abs().mean() / stress_scale
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_calculator_on_a_molecule_with_a_stress_trained_task():
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    from matsciml.calculators import MatSciMLCalculator
+
+    molecule = _bulk_and_molecule()[1]
+    molecule.calc = MatSciMLCalculator(S2EFTask(tiny_egnn(), regress_stress=True))
+    assert np.isfinite(molecule.get_potential_energy()) and np.isfinite(molecule.get_forces()).all()
+    with pytest.raises(PropertyNotImplementedError):
+        molecule.get_stress()

@@ -2,6 +2,12 @@
 
 Accumulated one record at a time while writing, so a card costs no extra pass over the
 data. Sums are kept in float64 to stay exact enough over millions of records.
+
+Force statistics cover the free atoms only (fixed ones are left out of the loss too) and say
+so with ``free_atoms_only``; total energies also accumulate the composition sums of
+:mod:`matsciml.data.composition` (``energy_composition``), from which element references are
+fitted and reference-subtracted statistics computed. Cards written before either existed are
+*stale*: :func:`stale_statistics` says why, and readers recompute them (one pass).
 """
 
 from __future__ import annotations
@@ -11,6 +17,10 @@ from collections import Counter
 import numpy as np
 
 from matsciml.data import keys as K
+from matsciml.data.composition import CompositionMoments
+
+#: Card key of the composition sums of total energies.
+COMPOSITION = "energy_composition"
 
 
 class _Moments:
@@ -52,6 +62,7 @@ class DatasetStatistics:
         self.force_components = _Moments()
         self.force_norms = _Moments()
         self.fixed_atoms = 0
+        self.composition = {"per_atom": CompositionMoments(), "total": CompositionMoments()}
 
     def add(self, record: dict[str, np.ndarray]) -> None:
         natoms = int(record[K.NATOMS])
@@ -59,13 +70,19 @@ class DatasetStatistics:
         self.num_atoms += natoms
         self.natoms[natoms] += 1
         numbers, counts = np.unique(record[K.ATOMIC_NUMBERS], return_counts=True)
-        self.elements.update(dict(zip(numbers.tolist(), counts.tolist(), strict=True)))
+        composition = dict(zip(numbers.tolist(), counts.tolist(), strict=True))
+        self.elements.update(composition)
         for name in self._ENERGIES:
             if name in record:
                 self.energy[name].add(record[name])
                 self.energy_per_atom[name].add(record[name] / natoms)
+        if K.ENERGY in record:
+            energy = float(np.asarray(record[K.ENERGY]).reshape(()))
+            self.composition["total"].add(composition, energy)
+            self.composition["per_atom"].add({z: c / natoms for z, c in composition.items()}, energy / natoms)
+        free = ~np.asarray(record[K.FIXED], dtype=bool) if K.FIXED in record else slice(None)
         if K.FORCES in record:
-            forces = record[K.FORCES]
+            forces = np.asarray(record[K.FORCES])[free]
             self.force_components.add(forces)
             self.force_norms.add(np.linalg.norm(forces, axis=1))
         if K.FIXED in record:
@@ -81,7 +98,10 @@ class DatasetStatistics:
             targets[K.FORCES] = {
                 "components": self.force_components.summary(),
                 "norms": self.force_norms.summary(),
+                "free_atoms_only": True,
             }
+        if self.composition["total"].count:
+            targets[COMPOSITION] = {kind: sums.summary() for kind, sums in self.composition.items()}
         return {
             "num_atoms": self.num_atoms,
             "num_fixed_atoms": self.fixed_atoms,
@@ -89,3 +109,16 @@ class DatasetStatistics:
             "natoms_histogram": {str(n): c for n, c in sorted(self.natoms.items())},
             "statistics": targets,
         }
+
+
+def stale_statistics(card: dict) -> list[str]:
+    """Why a card's statistics are out of date (empty when current): cards written before the
+    composition sums existed lack them, and ones whose force statistics included fixed atoms
+    (the shipped devsets' cards, written so) would scale forces by the wrong std."""
+    statistics, reasons = card.get("statistics", {}), []
+    if K.ENERGY in statistics and COMPOSITION not in statistics:
+        reasons.append("no composition sums for element references")
+    forces = statistics.get(K.FORCES)
+    if forces is not None and not forces.get("free_atoms_only") and card.get("num_fixed_atoms", 0):
+        reasons.append("force statistics include fixed atoms")
+    return reasons
