@@ -21,7 +21,7 @@ from matsciml.data.datasets import IS2REDataset, LMDBDataset, S2EFDataset, Trans
 from matsciml.data.devsets import devset_path
 from matsciml.data.formats.card import DatasetStatistics
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
-from matsciml.data.pointcloud import DEFAULT_NUM_SPECIES, PointCloudCollate, PointCloudSample
+from matsciml.data.pointcloud import DEFAULT_NUM_SPECIES, DEFAULT_NUM_SUBSURFACE, PointCloudCollate, PointCloudSample
 from matsciml.data.progress import progress_bar
 from matsciml.data.samplers import (
     AtomBalancedBatchSampler,
@@ -46,7 +46,8 @@ class AtomisticDataModule(pl.LightningDataModule):
             (a batched ``dgl.DGLGraph``) or ``"pyg"`` (a ``torch_geometric`` ``Batch``); see docs/backends.md.
         cutoff: radius-graph cutoff in Å.
         max_neighbors: neighbours kept per atom, nearest first.
-        num_subsurface: sub-surface atoms sampled into each point cloud.
+        num_subsurface: IS2RE point clouds: sub-surface atoms sampled into each cloud (``None``: the
+            paper's 8). S2EF point clouds hold every atom and refuse it (see :meth:`record_transforms`).
         num_species: one-hot width of point-cloud features (atomic numbers 1..num_species).
         transforms: extra record transforms, applied before the graph is built.
         shuffle: shuffle the training split each epoch.
@@ -74,7 +75,7 @@ class AtomisticDataModule(pl.LightningDataModule):
         representation: Representation = "graph",
         cutoff: float = DEFAULT_CUTOFF,
         max_neighbors: int | None = DEFAULT_MAX_NEIGHBORS,
-        num_subsurface: int = 8,
+        num_subsurface: int | None = None,
         num_species: int = DEFAULT_NUM_SPECIES,
         transforms: list[Transform] | None = None,
         shuffle: bool = True,
@@ -130,9 +131,25 @@ class AtomisticDataModule(pl.LightningDataModule):
 
     # -- datasets -----------------------------------------------------------------------
     def record_transforms(self) -> list[Transform]:
+        """The transforms every record of every split goes through.
+
+        Point clouds: S2EF keeps every atom, since its targets (the energy and forces of the
+        whole structure) depend on every atom; IS2RE samples sub-surface atoms as the paper
+        does (:class:`~matsciml.data.pointcloud.PointCloudSample`), its relaxed energy being
+        a property of the adsorbate and the surface.
+        """
         if self.representation == "graph":
             return [*self.extra_transforms, RadiusGraph(self.cutoff, self.max_neighbors)]
-        return [*self.extra_transforms, PointCloudSample(self.num_subsurface, self.seed)]
+        if self.task == "s2ef":
+            if self.num_subsurface is not None:
+                raise ValueError(
+                    f"num_subsurface={self.num_subsurface} samples the atoms of a point cloud, but S2EF "
+                    "targets are the energy and forces of every atom; remove num_subsurface (S2EF point "
+                    "clouds hold every atom)"
+                )
+            return list(self.extra_transforms)
+        num_subsurface = DEFAULT_NUM_SUBSURFACE if self.num_subsurface is None else self.num_subsurface
+        return [*self.extra_transforms, PointCloudSample(num_subsurface, self.seed)]
 
     def collate_fn(self):
         if self.representation != "graph":
