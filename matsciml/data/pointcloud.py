@@ -144,13 +144,16 @@ def minimum_image_vectors(points: torch.Tensor, cell: torch.Tensor | None, pbc: 
         return vectors
     cell = cell.to(points.dtype).unsqueeze(1)  # (B, 1, 3, 3)
     with torch.no_grad():
-        periodic = pbc.to(points.dtype)[:, None, None, :]  # (B, 1, 1, 3)
-        rounded = -torch.round(vectors @ torch.linalg.pinv(cell)) * periodic  # (B, M, M, 3)
-        around = _NEIGHBOUR_SHIFTS.to(points.device, points.dtype) * periodic.unsqueeze(-2)  # (B, 1, 1, 27, 3)
+        # the search runs in at least float32 (pinv has no half-precision kernels)
+        dtype = torch.promote_types(points.dtype, torch.float32)
+        search, lattice = vectors.to(dtype), cell.to(dtype)
+        periodic = pbc.to(dtype)[:, None, None, :]  # (B, 1, 1, 3)
+        rounded = -torch.round(search @ torch.linalg.pinv(lattice)) * periodic  # (B, M, M, 3)
+        around = _NEIGHBOUR_SHIFTS.to(points.device, dtype) * periodic.unsqueeze(-2)  # (B, 1, 1, 27, 3)
         candidates = rounded.unsqueeze(-2) + around  # (B, M, M, 27, 3)
-        lengths = (vectors.unsqueeze(-2) + candidates @ cell.unsqueeze(1)).square().sum(dim=-1)
+        lengths = (search.unsqueeze(-2) + candidates @ lattice.unsqueeze(1)).square().sum(dim=-1)
         best = lengths.argmin(dim=-1)[..., None, None].expand(*lengths.shape[:-1], 1, 3)
-        shift = candidates.gather(-2, best).squeeze(-2)
+        shift = candidates.gather(-2, best).squeeze(-2).to(points.dtype)
     return vectors + shift @ cell
 
 
