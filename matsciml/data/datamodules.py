@@ -21,7 +21,7 @@ from matsciml.data.datasets import IS2REDataset, LMDBDataset, S2EFDataset, Trans
 from matsciml.data.devsets import devset_path
 from matsciml.data.formats.card import DatasetStatistics, stale_statistics
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
-from matsciml.data.pointcloud import DEFAULT_NUM_SPECIES, PointCloudCollate, PointCloudSample
+from matsciml.data.pointcloud import DEFAULT_NUM_SPECIES, DEFAULT_NUM_SUBSURFACE, PointCloudCollate, PointCloudSample
 from matsciml.data.progress import progress_bar
 from matsciml.data.samplers import (
     AtomBalancedBatchSampler,
@@ -49,7 +49,8 @@ class AtomisticDataModule(pl.LightningDataModule):
             within the cutoff. A cap (the OC20 baselines used 50 at 6 Å) falls inside coordination
             shells, so energies jump where neighbours swap rank; a task records it and applies it at
             inference, with a warning.
-        num_subsurface: sub-surface atoms sampled into each point cloud.
+        num_subsurface: IS2RE point clouds: sub-surface atoms sampled into each cloud (``None``: the
+            paper's 8). S2EF point clouds hold every atom and refuse it (see :meth:`record_transforms`).
         num_species: one-hot width of point-cloud features (atomic numbers 1..num_species).
         transforms: extra record transforms, applied before the graph is built.
         shuffle: shuffle the training split each epoch.
@@ -77,7 +78,7 @@ class AtomisticDataModule(pl.LightningDataModule):
         representation: Representation = "graph",
         cutoff: float = DEFAULT_CUTOFF,
         max_neighbors: int | None = DEFAULT_MAX_NEIGHBORS,
-        num_subsurface: int = 8,
+        num_subsurface: int | None = None,
         num_species: int = DEFAULT_NUM_SPECIES,
         transforms: list[Transform] | None = None,
         shuffle: bool = True,
@@ -133,9 +134,25 @@ class AtomisticDataModule(pl.LightningDataModule):
 
     # -- datasets -----------------------------------------------------------------------
     def record_transforms(self) -> list[Transform]:
+        """The transforms every record of every split goes through.
+
+        Point clouds: S2EF keeps every atom, since its targets (the energy and forces of the
+        whole structure) depend on every atom; IS2RE samples sub-surface atoms as the paper
+        does (:class:`~matsciml.data.pointcloud.PointCloudSample`), its relaxed energy being
+        a property of the adsorbate and the surface.
+        """
         if self.representation == "graph":
             return [*self.extra_transforms, RadiusGraph(self.cutoff, self.max_neighbors)]
-        return [*self.extra_transforms, PointCloudSample(self.num_subsurface, self.seed)]
+        if self.task == "s2ef":
+            if self.num_subsurface is not None:
+                raise ValueError(
+                    f"num_subsurface={self.num_subsurface} samples the atoms of a point cloud, but S2EF "
+                    "targets are the energy and forces of every atom; remove num_subsurface (S2EF point "
+                    "clouds hold every atom)"
+                )
+            return list(self.extra_transforms)
+        num_subsurface = DEFAULT_NUM_SUBSURFACE if self.num_subsurface is None else self.num_subsurface
+        return [*self.extra_transforms, PointCloudSample(num_subsurface, self.seed)]
 
     def collate_fn(self):
         if self.representation != "graph":

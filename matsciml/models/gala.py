@@ -1,7 +1,14 @@
 """Geometric algebra attention network, Gala (Spellings, 2021), on padded point clouds.
 
 Every atom ``i`` sees its structure as a point cloud of bond vectors ``r_ij = r_j - r_i`` to
-all the other atoms of the structure (no cutoff; point clouds ignore the periodic cell).
+all the other atoms of the cloud (no cutoff). In a periodic cell ``r_ij`` goes to the nearest
+image of ``j`` (minimum image, :func:`~matsciml.data.pointcloud.minimum_image_vectors`), so
+the energy is a function of the wrapped structure: moving an atom by a lattice vector changes
+nothing. Each pair is seen once, through its nearest image only, so in a small cell an atom
+does not see the farther images of its neighbours, nor its own (a 2x2x1 supercell does not
+give 4x the energy); and ``r_ij`` jumps to another image where the pair is as far from two
+images (half a cell apart along an orthogonal lattice vector), where energy and forces are
+discontinuous (there is no cutoff to hide the switch).
 Each bond carries the paper's symmetric one-hot input, the species of ``i`` and of ``j``
 (``2 * num_species`` = 200 numbers, embedded linearly into ``hidden``). Blocks of
 geometric-algebra attention (``geometric_algebra_attention.pytorch.VectorAttention``,
@@ -45,7 +52,7 @@ invariant-value normalisation ``"momentum"``, equivariant ``"momentum_layer"``, 
 score and block normalisation ``"layer"``. Three blocks (346k parameters, against the
 paper's ~1.5M) are our choice: the cost is linear in blocks and grows as
 ``B * M**(rank + 1) * hidden`` for ``B`` clouds of ``M`` points, which suits the few dozen
-atoms of a sampled OC20 point cloud.
+atoms of an OC20 slab (every atom for S2EF, a sampled cloud for IS2RE).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from geometric_algebra_attention.pytorch import VectorAttention
 from torch import nn
 
 from matsciml.data.batch import Batch
+from matsciml.data.pointcloud import minimum_image_vectors
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.models.gala_layers import (
     EquivariantAttention,
@@ -266,8 +274,10 @@ class Gala(AbstractEnergyModel):
         num_points = points.shape[1]
         itself = torch.eye(num_points, dtype=torch.bool, device=points.device)
         bonds = real.unsqueeze(2) & real.unsqueeze(1) & ~itself  # (B, M_i, M_j): real bond i -> j
+        # nearest periodic images, differentiable in positions and cell (forces and stress);
         # zero unreal bonds, so no gradient reaches atom 0 through the padding slots
-        vectors = torch.where(bonds.unsqueeze(-1), points.unsqueeze(1) - points.unsqueeze(2), 0.0)
+        vectors = minimum_image_vectors(points, batch.cell, batch.pbc)
+        vectors = torch.where(bonds.unsqueeze(-1), vectors, 0.0)
         # Linear([one_hot(i), one_hot(j)]) without building the (B, M, M, 2S) input
         centre_weight, neighbour_weight = self.embedding.weight.split(self.num_species, dim=1)
         values = ((features @ centre_weight.T).unsqueeze(2) + (features @ neighbour_weight.T).unsqueeze(1)

@@ -1,16 +1,20 @@
-"""Gala passes the shared physics battery on point clouds, keeps the paper's sizes and ignores padding."""
+"""Gala passes the shared physics battery on point clouds, keeps the paper's sizes, ignores padding
+and sees periodic cells through the nearest image."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk
 from helpers.physics import PhysicsBattery, cutoff_path, energy_and_forces, molecule_like, slab, small_bulk
 
+from matsciml.data import S2EFDataModule
 from matsciml.data.structures import batch_from_atoms
 from matsciml.models.gala import Gala
 from matsciml.models.gala_layers import MaskedMomentumLayerNormalization, MaskedMomentumNormalization
+from matsciml.tasks import S2EFTask
 
 
 def clouds(structures, dtype=torch.float64):
@@ -71,6 +75,79 @@ class TestGalaEquivariant(TestGala):
     def make_model(self):
         return Gala(hidden=16, num_blocks=1, equivariant_attention=True, include_normalized_products=True,
                     merge_fun="mean", join_fun="mean", value_normalization="none")
+
+
+@pytest.mark.parametrize("equivariant", [False, True])
+@pytest.mark.parametrize("structure", [slab, small_bulk])
+def test_energy_and_forces_are_those_of_the_wrapped_structure(structure, equivariant):
+    torch.manual_seed(0)
+    model = Gala(hidden=16, num_blocks=2, equivariant_attention=equivariant).double().eval()
+    atoms = structure()
+    energy, forces = energy_and_forces(model, clouds(atoms))
+    # one atom moved by a lattice vector
+    moved = atoms.copy()
+    moved.positions[1] += np.array([1, -2, 1]) @ atoms.cell.array
+    energy_moved, forces_moved = energy_and_forces(model, clouds(moved))
+    assert torch.allclose(energy_moved, energy, atol=1e-10, rtol=0)
+    assert torch.allclose(forces_moved, forces, atol=1e-10, rtol=0)
+    # every atom wrapped into the cell, after a translation that takes some of them out of it
+    wrapped = atoms.copy()
+    wrapped.positions += 0.5 * atoms.cell.array.sum(axis=0)
+    translated = wrapped.positions.copy()
+    wrapped.wrap()
+    assert not np.allclose(wrapped.positions, translated), "the check needs atoms that wrap"
+    energy_wrapped, forces_wrapped = energy_and_forces(model, clouds(wrapped))
+    assert torch.allclose(energy_wrapped, energy, atol=1e-10, rtol=0)
+    assert torch.allclose(forces_wrapped, forces, atol=1e-10, rtol=0)
+
+
+def test_non_periodic_directions_are_not_wrapped():
+    torch.manual_seed(0)
+    model = Gala(hidden=16, num_blocks=1).double().eval()
+    atoms = slab()
+    atoms.pbc = [True, True, False]
+    energy = model(clouds(atoms))
+    along_a, along_c = atoms.copy(), atoms.copy()
+    along_a.positions[1] += atoms.cell.array[0]
+    along_c.positions[1] += atoms.cell.array[2]
+    assert torch.allclose(model(clouds(along_a)), energy, atol=1e-10, rtol=0)
+    assert not torch.allclose(model(clouds(along_c)), energy, atol=1e-6, rtol=0)
+
+
+def test_stress_follows_the_periodic_images():
+    # the image shifts enter as shift @ cell: the strain derivative must see them
+    torch.manual_seed(0)
+    task = S2EFTask(Gala(hidden=16, num_blocks=1), regress_stress=True).double().eval()
+    atoms = small_bulk()
+    batch = clouds(atoms)
+    stress = task(batch)["stress"][0]
+    step = 1e-6
+    numeric = torch.zeros(3, 3, dtype=torch.float64)
+    for a in range(3):
+        for b in range(3):
+            energies = []
+            for sign in (1, -1):
+                strain = torch.zeros(3, 3, dtype=torch.float64)
+                strain[a, b] += sign * step / 2
+                strain[b, a] += sign * step / 2
+                deform = torch.eye(3, dtype=torch.float64) + strain
+                energies.append(
+                    task.energy(batch.replace(positions=batch.positions @ deform, cell=batch.cell @ deform)).sum()
+                )
+            numeric[a, b] = (energies[0] - energies[1]) / (2 * step) / atoms.get_volume()
+    assert float(stress.abs().max()) > 1e-4, "the check needs a stress"
+    assert torch.allclose(stress, numeric, atol=1e-8, rtol=0)
+
+
+def test_s2ef_devset_clouds_give_a_force_for_every_target_atom():
+    torch.manual_seed(0)
+    batch = next(
+        iter(S2EFDataModule.from_devset(batch_size=2, representation="point_cloud", shuffle=False).train_dataloader())
+    )
+    task = S2EFTask(Gala(hidden=16, num_blocks=1)).eval()
+    forces = task(batch)["forces"]
+    assert forces.shape == batch.forces.shape
+    assert (forces.abs().sum(dim=-1) > 0).all(), "every atom of the slab is in its cloud and has a force"
 
 
 def test_paper_sized_defaults():
