@@ -21,13 +21,6 @@ def clouds(structures, dtype=torch.float64):
     return batch_from_atoms(structures, dtype=dtype, representation="point_cloud")
 
 
-# Point clouds hold raw differences of positions, not minimum-image vectors, so Gala does not see
-# a periodic crystal yet; branch wp-pointcloud makes the vectors minimum-image. Strict: these flip
-# to XPASS (a failure) once that lands, and the marks must then go.
-NO_MINIMUM_IMAGE = pytest.mark.xfail(strict=True, reason="point-cloud vectors are not minimum-image: Gala sees "
-                                                         "a finite cluster, not the periodic crystal")
-
-
 def assert_no_finite_range(model):
     """Gala has no cutoff (its inherited ``cutoff`` is unused): an atom 40 Å away still changes the energy."""
     assert model.representation == "point_cloud"  # every atom in the cloud, no radius graph
@@ -42,18 +35,23 @@ def assert_no_finite_range(model):
 class TestGala(PhysicsBattery):
     representation = Gala.representation
 
-    perfect_crystal_size = 2  # attention over all triplets is O(N^3): 32 atoms, not 108
-
     def make_model(self):
         return Gala(hidden=16, num_blocks=2)
 
-    @NO_MINIMUM_IMAGE
-    def test_a_lattice_translation_of_an_atom_changes_nothing(self, model):
-        super().test_a_lattice_translation_of_an_atom_changes_nothing(model)
-
-    @NO_MINIMUM_IMAGE
     def test_a_perfect_crystal_feels_no_force(self, model):
-        super().test_a_perfect_crystal_feels_no_force(model)
+        # Gala has no cutoff: each pair is seen once, at its nearest image. In fcc supercells many
+        # pairs have two or more equally near images (216 of 702 pairs in a 3x3x3 primitive supercell,
+        # pairs half a cell apart in cubic ones); minimum image must pick one, which breaks the
+        # crystal's symmetry for any model without a cutoff. An odd simple-cubic supercell has a
+        # unique nearest image for every pair (separations of 0 or +-1/3 of each orthogonal cell
+        # vector), so there the forces must cancel.
+        crystal = bulk("Cu", "sc", a=2.5).repeat((3, 3, 3))
+        _, forces = energy_and_forces(model, self.batch([crystal]))
+        rattled = crystal.copy()
+        rattled.rattle(stdev=0.05, seed=5)
+        _, forces_rattled = energy_and_forces(model, self.batch([rattled]))
+        assert float(forces_rattled.abs().max()) > 1e-6, "the model gives no forces at all: the check is vacuous"
+        assert float(forces.abs().max()) < 1e-10
 
     def test_energy_along_a_pair_crossing_the_cutoff_is_minus_the_work(self, model):
         # not applicable: no cutoff for a pair to cross. The energy along the same path must
@@ -120,7 +118,7 @@ def test_stress_follows_the_periodic_images():
     task = S2EFTask(Gala(hidden=16, num_blocks=1), regress_stress=True).double().eval()
     atoms = small_bulk()
     batch = clouds(atoms)
-    stress = task(batch)["stress"][0]
+    stress = task(batch)["stress"][0].detach()
     step = 1e-6
     numeric = torch.zeros(3, 3, dtype=torch.float64)
     for a in range(3):
@@ -134,9 +132,10 @@ def test_stress_follows_the_periodic_images():
                 energies.append(
                     task.energy(batch.replace(positions=batch.positions @ deform, cell=batch.cell @ deform)).sum()
                 )
-            numeric[a, b] = (energies[0] - energies[1]) / (2 * step) / atoms.get_volume()
-    assert float(stress.abs().max()) > 1e-4, "the check needs a stress"
-    assert torch.allclose(stress, numeric, atol=1e-8, rtol=0)
+            numeric[a, b] = (energies[0] - energies[1]).detach() / (2 * step) / atoms.get_volume()
+    scale = float(stress.abs().max())
+    assert scale > 1e-7, "the check needs a stress"  # small: the output layer starts near zero
+    assert float((stress - numeric).abs().max()) < 1e-5 * scale
 
 
 def test_s2ef_devset_clouds_give_a_force_for_every_target_atom():
