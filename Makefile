@@ -77,6 +77,7 @@ test-pyg: $(STAMP_PYG)
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff
 	$(BIN)/ruff check matsciml tests experiments
+	$(BIN)/ruff format --check matsciml tests experiments
 
 clean-venv:
 	rm -rf $(VENV)

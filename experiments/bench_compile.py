@@ -83,8 +83,11 @@ def compare(name: str, make_task, make_fn, batches, rounds: int, device: torch.d
         for run in runs.values():
             run["times"] += timed(run["fn"], batches, device)
     eager, compiled = (statistics.median(runs[c]["times"]) * 1e3 for c in (False, True))
-    print(f"{name:28s} eager {eager:8.1f} ms   compiled {compiled:8.1f} ms   speed-up {eager / compiled:5.2f}x"
-          f"   (compile warm-up {runs[True]['warmup']:.0f} s)", flush=True)
+    print(
+        f"{name:28s} eager {eager:8.1f} ms   compiled {compiled:8.1f} ms   speed-up {eager / compiled:5.2f}x"
+        f"   (compile warm-up {runs[True]['warmup']:.0f} s)",
+        flush=True,
+    )
     return {"eager_ms": eager, "compiled_ms": compiled}
 
 
@@ -102,18 +105,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     options = {"backend": args.backend}
-    print(f"torch {torch.__version__}, {args.threads} threads, device {device}, backend {args.backend}, "
-          f"batch {args.batch_size}, {args.batches} batches x {args.rounds} rounds")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, device {device}, backend {args.backend}, "
+        f"batch {args.batch_size}, {args.batches} batches x {args.rounds} rounds"
+    )
     is2re, is2re_stats = batches_of(IS2REDataModule, args.batch_size, args.batches, device)
     s2ef, s2ef_stats = batches_of(S2EFDataModule, args.batch_size, args.batches, device)
     for model in args.models:
         cls = MODELS[model]
-        compare(f"{model} IS2RE train step", lambda c, cls=cls: IS2RETask(cls(), statistics=is2re_stats,
-                                                                          compile=options if c else False).train(),
-                train_step, is2re, args.rounds, device)
-        compare(f"{model} S2EF energy+forces", lambda c, cls=cls: S2EFTask(cls(), statistics=s2ef_stats,
-                                                                           compile=options if c else False).eval(),
-                evaluate, s2ef, args.rounds, device)
+        compare(
+            f"{model} IS2RE train step",
+            lambda c, cls=cls: IS2RETask(cls(), statistics=is2re_stats, compile=options if c else False).train(),
+            train_step,
+            is2re,
+            args.rounds,
+            device,
+        )
+        compare(
+            f"{model} S2EF energy+forces",
+            lambda c, cls=cls: S2EFTask(cls(), statistics=s2ef_stats, compile=options if c else False).eval(),
+            evaluate,
+            s2ef,
+            args.rounds,
+            device,
+        )
         torch._dynamo.reset()
 
 

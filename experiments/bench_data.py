@@ -45,8 +45,9 @@ class AseRadiusGraph(RadiusGraph):
     """RadiusGraph with ASE's neighbour list in place of vesin (same capping and order)."""
 
     def __call__(self, record):
-        atoms = Atoms(numbers=record["atomic_numbers"], positions=record["positions"], cell=record["cell"],
-                      pbc=record["pbc"])
+        atoms = Atoms(
+            numbers=record["atomic_numbers"], positions=record["positions"], cell=record["cell"], pbc=record["pbc"]
+        )
         i, j, shifts, distances = neighbor_list("ijSd", atoms, self.cutoff)
         rank = np.rint(distances / 1e-6).astype(np.int64)
         order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, rank, i))
@@ -62,8 +63,9 @@ def time_pipeline(path: Path, graph: RadiusGraph, num_workers: int, limit: int |
     dataset = S2EFDataset(path, transforms=[graph])
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, range(limit))
-    loader = DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=num_workers, collate_fn=collate,
-                        persistent_workers=False)
+    loader = DataLoader(
+        dataset, batch_size=BATCH_SIZE, num_workers=num_workers, collate_fn=collate, persistent_workers=False
+    )
     start = time.perf_counter()
     count = sum(batch.num_structures for batch in loader)
     return count / (time.perf_counter() - start), count
@@ -103,8 +105,9 @@ def bench(name: str, path: Path, ase_limit: int, max_neighbors: int | None) -> d
     speedup_ase = results["pipeline_w0"] / results["ase"]
     overhead = results["raw"] / results["pipeline_w0"]
     scaling = results["pipeline_w2"] / results["pipeline_w1"]
-    print(f"vesin pipeline vs ASE pipeline: {speedup_ase:.1f}x (target >= 20x) "
-          f"{'OK' if speedup_ase >= 20 else 'MISSED'}")
+    print(
+        f"vesin pipeline vs ASE pipeline: {speedup_ase:.1f}x (target >= 20x) {'OK' if speedup_ase >= 20 else 'MISSED'}"
+    )
     print(f"pipeline cost vs raw:           {overhead:.2f}x (target <= 1.5x) {'OK' if overhead <= 1.5 else 'MISSED'}")
     print(f"2 workers vs 1 worker:          {scaling:.2f}x (target >= 1.6x) {'OK' if scaling >= 1.6 else 'MISSED'}")
     return results
@@ -116,8 +119,10 @@ def main() -> None:
     parser.add_argument("--ase-limit", type=int, default=200, help="structures timed with the slow ASE path")
     parser.add_argument("--max-neighbors", type=int, default=None, help="neighbour cap (default: none, as the data)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, vesin {vesin.__version__}, cutoff {CUTOFF} Å, "
-          f"max_neighbors {args.max_neighbors}, batch {BATCH_SIZE}")
+    print(
+        f"torch {torch.__version__}, vesin {vesin.__version__}, cutoff {CUTOFF} Å, "
+        f"max_neighbors {args.max_neighbors}, batch {BATCH_SIZE}"
+    )
     bench("S2EF devset (train)", devset_path("s2ef", "train"), args.ase_limit, args.max_neighbors)
     if args.synthetic:
         from matsciml.data.synthetic import write_synthetic

@@ -145,12 +145,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_batches(task: str, batch_size: int, count: int, representation: str, device: torch.device
-                 ) -> tuple[list[Batch], Any]:
+def load_batches(
+    task: str, batch_size: int, count: int, representation: str, device: torch.device
+) -> tuple[list[Batch], Any]:
     """The first ``count`` batches of the devset's train split, collated, on ``device``."""
     graph = GRAPH if representation == "graph" else {}
-    datamodule = TASKS[task][0].from_devset(batch_size=batch_size, representation=representation, shuffle=False,
-                                            **graph)
+    datamodule = TASKS[task][0].from_devset(
+        batch_size=batch_size, representation=representation, shuffle=False, **graph
+    )
     datamodule.setup("fit")
     batches = []
     for batch in datamodule.train_dataloader():
@@ -193,14 +195,28 @@ def build_matgl_megnet(ours: MegNet) -> torch.nn.Module:
     if a["activation"] != "softplus":
         raise ValueError("the comparison uses the shifted softplus of both models")
     return MEGNet(
-        dim_node_embedding=a["node_dim"], dim_edge_embedding=a["num_gaussians"], dim_state_embedding=a["state_dim"],
-        ntypes_state=1, include_state=True, nblocks=a["num_blocks"],
-        hidden_layer_sizes_input=tuple(a["dense_sizes"]), hidden_layer_sizes_conv=tuple(a["conv_sizes"]),
-        hidden_layer_sizes_output=tuple(a["output_sizes"]), nlayers_set2set=a["set2set_layers"],
-        niters_set2set=a["set2set_steps"], activation_type="softplus2", dropout=a["dropout"],
-        element_types=tuple(chemical_symbols[1:a["num_species"] + 1]), cutoff=a["cutoff"],
-        bond_expansion=BondExpansion(rbf_type="Gaussian", initial=0.0, final=a["cutoff"],
-                                     num_centers=a["num_gaussians"], width=1.0 / a["gaussian_width"] ** 2),
+        dim_node_embedding=a["node_dim"],
+        dim_edge_embedding=a["num_gaussians"],
+        dim_state_embedding=a["state_dim"],
+        ntypes_state=1,
+        include_state=True,
+        nblocks=a["num_blocks"],
+        hidden_layer_sizes_input=tuple(a["dense_sizes"]),
+        hidden_layer_sizes_conv=tuple(a["conv_sizes"]),
+        hidden_layer_sizes_output=tuple(a["output_sizes"]),
+        nlayers_set2set=a["set2set_layers"],
+        niters_set2set=a["set2set_steps"],
+        activation_type="softplus2",
+        dropout=a["dropout"],
+        element_types=tuple(chemical_symbols[1 : a["num_species"] + 1]),
+        cutoff=a["cutoff"],
+        bond_expansion=BondExpansion(
+            rbf_type="Gaussian",
+            initial=0.0,
+            final=a["cutoff"],
+            num_centers=a["num_gaussians"],
+            width=1.0 / a["gaussian_width"] ** 2,
+        ),
     )
 
 
@@ -224,9 +240,15 @@ def to_matgl(batch: Batch) -> tuple[Any, torch.Tensor, torch.Tensor]:
         elo, ehi = int(edge_ptr[s]), int(edge_ptr[s + 1])
         cell = batch.cell[s].double()
         frac = batch.positions[lo:hi].double() @ torch.linalg.inv(cell)
-        graphs.append(PygData(num_nodes=hi - lo, edge_index=torch.stack([i[elo:ehi] - lo, j[elo:ehi] - lo]),
-                              pbc_offset=batch.cell_shifts[elo:ehi].to(matgl.float_th),
-                              node_type=batch.atomic_numbers[lo:hi] - 1, frac_coords=frac.to(matgl.float_th)))
+        graphs.append(
+            PygData(
+                num_nodes=hi - lo,
+                edge_index=torch.stack([i[elo:ehi] - lo, j[elo:ehi] - lo]),
+                pbc_offset=batch.cell_shifts[elo:ehi].to(matgl.float_th),
+                node_type=batch.atomic_numbers[lo:hi] - 1,
+                frac_coords=frac.to(matgl.float_th),
+            )
+        )
     graph = PygBatch.from_data_list(graphs)
     state = torch.zeros(batch.num_structures, dtype=torch.long, device=j.device)  # the one state type
     return graph, batch.cell.to(matgl.float_th), state
@@ -254,8 +276,11 @@ class MatglTrainer:
         scale, mean = float(ours.energy_scale), float(ours.mean_energy)
         self.forces = isinstance(ours, S2EFTask)
         # Potential: forces -dE/dpos by autograd, create_graph=True in training mode
-        self.module = (Potential(self.model, data_mean=mean, data_std=scale, calc_forces=True, calc_stresses=False)
-                       if self.forces else self.model)
+        self.module = (
+            Potential(self.model, data_mean=mean, data_std=scale, calc_forces=True, calc_stresses=False)
+            if self.forces
+            else self.model
+        )
         self.module.to(device).train()
         self.scale, self.mean, self.device = scale, mean, device
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=ours.lr)
@@ -301,8 +326,9 @@ def run_config(cfg: dict) -> dict:
         torch.set_num_threads(cfg["threads"])
     model_name, task_name = cfg["model"], cfg["task"]
     representation = "point_cloud" if model_name == "gala" else "graph"
-    batches, datamodule = load_batches(task_name, cfg["batch_size"], cfg["warmup"] + cfg["steps"], representation,
-                                       device)
+    batches, datamodule = load_batches(
+        task_name, cfg["batch_size"], cfg["warmup"] + cfg["steps"], representation, device
+    )
     task = make_task("megnet" if model_name == MATGL else model_name, task_name, datamodule, device)
     if model_name == MATGL:
         trainer = MatglTrainer(task, device)
@@ -322,10 +348,16 @@ def run_config(cfg: dict) -> dict:
                 times.append(time.perf_counter() - start)
                 structures.append(batches[index].num_structures)
                 atoms.append(batches[index].num_atoms)
-    return {"times": times, "structures": structures, "atoms": atoms, "params": params,
-            "batch_atoms": statistics.mean(b.num_atoms for b in batches),
-            "edges": statistics.mean(b.num_edges for b in batches) if representation == "graph" else None,
-            "memory": memory.increase, "memory_how": memory.how}
+    return {
+        "times": times,
+        "structures": structures,
+        "atoms": atoms,
+        "params": params,
+        "batch_atoms": statistics.mean(b.num_atoms for b in batches),
+        "edges": statistics.mean(b.num_edges for b in batches) if representation == "graph" else None,
+        "memory": memory.increase,
+        "memory_how": memory.how,
+    }
 
 
 def run_compare(cfg: dict) -> dict:
@@ -335,8 +367,7 @@ def run_compare(cfg: dict) -> dict:
         torch.set_num_threads(cfg["threads"])
     out = {}
     for task_name in cfg["tasks"]:
-        batches, datamodule = load_batches(task_name, cfg["batch_size"], cfg["warmup"] + cfg["steps"], "graph",
-                                           device)
+        batches, datamodule = load_batches(task_name, cfg["batch_size"], cfg["warmup"] + cfg["steps"], "graph", device)
         task = make_task("megnet", task_name, datamodule, device)
         ours = our_step(task, torch.optim.Adam(task.parameters(), lr=task.lr))
         trainer = MatglTrainer(task, device)
@@ -355,23 +386,41 @@ def run_compare(cfg: dict) -> dict:
                 _sync(device)
                 if k >= cfg["warmup"]:
                     times[name].append(time.perf_counter() - start)
-        out[task_name] = {"times": times, "params": (trainable(task), trainable(trainer.module)),
-                          "mismatch": mismatch, "structures": statistics.mean(b.num_structures for b in batches),
-                          "atoms": statistics.mean(b.num_atoms for b in batches),
-                          "edges": statistics.mean(b.num_edges for b in batches)}
+        out[task_name] = {
+            "times": times,
+            "params": (trainable(task), trainable(trainer.module)),
+            "mismatch": mismatch,
+            "structures": statistics.mean(b.num_structures for b in batches),
+            "atoms": statistics.mean(b.num_atoms for b in batches),
+            "edges": statistics.mean(b.num_edges for b in batches),
+        }
     return out
 
 
 #: torch.profiler operators by kind, for the per-category comparison
 CATEGORIES = {
     "matmul (mm, addmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
-    "softplus, sigmoid, lt and their backwards": ("aten::softplus", "aten::softplus_backward", "aten::sigmoid",
-                                                  "aten::sigmoid_backward", "aten::lt"),
+    "softplus, sigmoid, lt and their backwards": (
+        "aten::softplus",
+        "aten::softplus_backward",
+        "aten::sigmoid",
+        "aten::sigmoid_backward",
+        "aten::lt",
+    ),
     "mul": ("aten::mul",),
     "add, sub, div, neg": ("aten::add", "aten::add_", "aten::sub", "aten::div", "aten::neg"),
-    "gathers and scatters": ("aten::index", "aten::index_add", "aten::index_add_", "aten::_index_put_impl_",
-                             "aten::index_select", "aten::scatter_add_", "aten::scatter_reduce", "aten::scatter_add",
-                             "aten::scatter_reduce_", "aten::gather"),
+    "gathers and scatters": (
+        "aten::index",
+        "aten::index_add",
+        "aten::index_add_",
+        "aten::_index_put_impl_",
+        "aten::index_select",
+        "aten::scatter_add_",
+        "aten::scatter_reduce",
+        "aten::scatter_add",
+        "aten::scatter_reduce_",
+        "aten::gather",
+    ),
     "copy, cat, fill": ("aten::copy_", "aten::cat", "aten::fill_", "aten::zero_"),
     "dropout (bernoulli)": ("aten::bernoulli_",),
 }
@@ -392,11 +441,15 @@ def run_profile(cfg: dict) -> dict:
         trainer = MatglTrainer(task, device)
         steps["matgl"] = (trainer.step, [trainer.convert(b) for b in batches])
     for step, items in steps.values():
-        for item in items[:cfg["warmup"]]:
+        for item in items[: cfg["warmup"]]:
             step(item)
-    phases: dict[str, list[float]] = {"forward (energy)": [], "forces (grad, create_graph)": [],
-                                      "loss + backward": [], "Adam": []}
-    for batch in batches[cfg["warmup"]:]:
+    phases: dict[str, list[float]] = {
+        "forward (energy)": [],
+        "forces (grad, create_graph)": [],
+        "loss + backward": [],
+        "Adam": [],
+    }
+    for batch in batches[cfg["warmup"] :]:
         # S2EFTask.step split into its parts (the same operations; the metrics are left out)
         marks = [time.perf_counter()]
         optimizer.zero_grad(set_to_none=True)
@@ -435,10 +488,15 @@ def run_profile(cfg: dict) -> dict:
             sums["other"] = total - sum(sums.values())
             sums["total"] = total
             per_step[name].append({c: value / 1e3 for c, value in sums.items()})
-    categories = {name: {c: statistics.median(row[c] for row in rows) for c in rows[0]}
-                  for name, rows in per_step.items()}
-    return {"phases": {k: statistics.median(v) for k, v in phases.items()}, "categories": categories,
-            "table": table, "steps": len(batches) - cfg["warmup"]}
+    categories = {
+        name: {c: statistics.median(row[c] for row in rows) for c in rows[0]} for name, rows in per_step.items()
+    }
+    return {
+        "phases": {k: statistics.median(v) for k, v in phases.items()},
+        "categories": categories,
+        "table": table,
+        "steps": len(batches) - cfg["warmup"],
+    }
 
 
 def _child(target: Callable[[dict], Any], cfg: dict, conn: Any) -> None:
@@ -472,20 +530,29 @@ def in_fresh_process(target: Callable[[dict], Any], cfg: dict) -> Any:
 def median_rates(res: dict) -> tuple[float, float, float]:
     """Median ms/step, structures/s and atoms/s over the timed steps."""
     times = res["times"]
-    return (1e3 * statistics.median(times),
-            statistics.median(s / t for s, t in zip(res["structures"], times, strict=True)),
-            statistics.median(a / t for a, t in zip(res["atoms"], times, strict=True)))
+    return (
+        1e3 * statistics.median(times),
+        statistics.median(s / t for s, t in zip(res["structures"], times, strict=True)),
+        statistics.median(a / t for a, t in zip(res["atoms"], times, strict=True)),
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared 2-core VM, 2 threads stall when "
-                             "another process is busy)")
-    parser.add_argument("--models", default=None,
-                        help=f"comma-separated from {','.join([*MODELS, MATGL])} (default: all; {MATGL} if installed)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared 2-core VM, 2 threads stall when another process is busy)",
+    )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated from {','.join([*MODELS, MATGL])} (default: all; {MATGL} if installed)",
+    )
     parser.add_argument("--tasks", default="s2ef,is2re", help="comma-separated from s2ef,is2re")
     parser.add_argument("--batch-size", type=int, default=8, help="structures per batch (EGNN, MegNet, matgl)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration and round")
@@ -496,8 +563,12 @@ def main() -> None:
     parser.add_argument("--compare-steps", type=int, default=8, help="timed steps of each model in the comparison")
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison with matgl")
     parser.add_argument("--profile", action="store_true", help="also profile our MegNet's S2EF step")
-    parser.add_argument("--max-neighbors", type=int, default=None,
-                        help="neighbour cap of the radius graphs (default: none, as the data modules)")
+    parser.add_argument(
+        "--max-neighbors",
+        type=int,
+        default=None,
+        help="neighbour cap of the radius graphs (default: none, as the data modules)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, one round, small Gala batch")
     args = parser.parse_args()
     GRAPH["max_neighbors"] = args.max_neighbors
@@ -505,8 +576,11 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.rounds = 2, 1, 1
         args.gala_batch_size, args.gala_steps, args.compare_steps = 2, 1, 2
-    models = [m.strip() for m in args.models.split(",")] if args.models else \
-        [*MODELS, *([MATGL] if matgl is not None else [])]
+    models = (
+        [m.strip() for m in args.models.split(",")]
+        if args.models
+        else [*MODELS, *([MATGL] if matgl is not None else [])]
+    )
     tasks = [t.strip() for t in args.tasks.split(",")]
     for name in models:
         if name not in MODELS and name != MATGL:
@@ -523,23 +597,36 @@ def main() -> None:
         parser.error("--device must be cpu or cuda")
 
     threads = f"{args.threads} thread(s)" if args.device == "cpu" else "CUDA"
-    print(f"torch {torch.__version__}, {args.device}, {threads}, {os.cpu_count()} CPUs visible"
-          + (f", matgl {matgl.__version__}" if matgl is not None else ", matgl not installed"))
-    print(f"step = task.step (forward, forces for S2EF, loss) + backward + Adam; devset train batches, "
-          f"collated beforehand; {args.warmup} warm-up steps; medians over {args.rounds} round(s)")
+    print(
+        f"torch {torch.__version__}, {args.device}, {threads}, {os.cpu_count()} CPUs visible"
+        + (f", matgl {matgl.__version__}" if matgl is not None else ", matgl not installed")
+    )
+    print(
+        f"step = task.step (forward, forces for S2EF, loss) + backward + Adam; devset train batches, "
+        f"collated beforehand; {args.warmup} warm-up steps; medians over {args.rounds} round(s)"
+    )
     if "gala" in models:
-        print(f"Gala: batch {args.gala_batch_size} and {args.gala_steps} timed steps per round "
-              f"(not {args.batch_size} and {args.steps}: its cost grows as B*M^3); it sees point clouds "
-              "(adsorbate + surface + 8 sub-surface atoms), so its atoms/batch are fewer")
+        print(
+            f"Gala: batch {args.gala_batch_size} and {args.gala_steps} timed steps per round "
+            f"(not {args.batch_size} and {args.steps}: its cost grows as B*M^3); it sees point clouds "
+            "(adsorbate + surface + 8 sub-surface atoms), so its atoms/batch are fewer"
+        )
 
     base = {"device": args.device, "threads": args.threads}
     configs = []
     for model in models:
         for task in tasks:
             gala = model == "gala"
-            configs.append({**base, "model": model, "task": task,
-                            "batch_size": args.gala_batch_size if gala else args.batch_size,
-                            "steps": args.gala_steps if gala else args.steps, "warmup": 1 if gala else args.warmup})
+            configs.append(
+                {
+                    **base,
+                    "model": model,
+                    "task": task,
+                    "batch_size": args.gala_batch_size if gala else args.batch_size,
+                    "steps": args.gala_steps if gala else args.steps,
+                    "warmup": 1 if gala else args.warmup,
+                }
+            )
     start = time.perf_counter()
     results: dict[tuple[str, str], dict] = {}
     for round_index in range(args.rounds):
@@ -554,14 +641,20 @@ def main() -> None:
             for field in ("times", "structures", "atoms"):
                 merged[field] += res[field]
             merged["memory"] = max(merged["memory"], res["memory"] or 0)
-            print(f"  round {round_index + 1}/{args.rounds}: {key[0]:<12} {key[1]:<5} "
-                  f"{1e3 * statistics.median(res['times']):8.1f} ms/step", file=sys.stderr, flush=True)
+            print(
+                f"  round {round_index + 1}/{args.rounds}: {key[0]:<12} {key[1]:<5} "
+                f"{1e3 * statistics.median(res['times']):8.1f} ms/step",
+                file=sys.stderr,
+                flush=True,
+            )
 
     if results:
         how = next(iter(results.values()))["memory_how"]
         mem_label = "peak mem MiB" + (" (CUDA)" if args.device == "cuda" else "")
-        print(f"\n| model | task | batch | atoms/batch | edges/batch | params | ms/step | structures/s | atoms/s "
-              f"| {mem_label} |")
+        print(
+            f"\n| model | task | batch | atoms/batch | edges/batch | params | ms/step | structures/s | atoms/s "
+            f"| {mem_label} |"
+        )
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for cfg in configs:
             key = (cfg["model"], cfg["task"])
@@ -571,10 +664,14 @@ def main() -> None:
             res = results[key]
             ms, structures, atoms = median_rates(res)
             edges = f"{res['edges']:,.0f}" if res["edges"] is not None else "-"
-            print(f"| {key[0]} | {key[1]} | {cfg['batch_size']} | {res['batch_atoms']:.0f} | {edges} "
-                  f"| {res['params']:,} | {ms:,.1f} | {structures:,.1f} | {atoms:,.0f} | {res['memory'] / MiB:,.0f} |")
-        print(f"(peak memory: {how} during warm-up and timed steps, minus the level before the first step; "
-              "the largest over rounds)")
+            print(
+                f"| {key[0]} | {key[1]} | {cfg['batch_size']} | {res['batch_atoms']:.0f} | {edges} "
+                f"| {res['params']:,} | {ms:,.1f} | {structures:,.1f} | {atoms:,.0f} | {res['memory'] / MiB:,.0f} |"
+            )
+        print(
+            f"(peak memory: {how} during warm-up and timed steps, minus the level before the first step; "
+            "the largest over rounds)"
+        )
         print(f"(timing: {time.perf_counter() - start:.0f} s)")
 
     if not args.no_compare and matgl is not None:
@@ -591,8 +688,13 @@ def _cuda_available(cfg: dict) -> bool:
 
 def compare(args: argparse.Namespace, base: dict) -> None:
     print(f"\n== our MegNet vs matgl {matgl.__version__} MEGNet: same batches, steps alternating in one process")
-    cfg = {**base, "tasks": [t for t in ("s2ef", "is2re") if t in args.tasks.split(",")],
-           "batch_size": args.batch_size, "steps": args.compare_steps, "warmup": args.warmup}
+    cfg = {
+        **base,
+        "tasks": [t for t in ("s2ef", "is2re") if t in args.tasks.split(",")],
+        "batch_size": args.batch_size,
+        "steps": args.compare_steps,
+        "warmup": args.warmup,
+    }
     try:
         out = in_fresh_process(run_compare, cfg)
     except RuntimeError as err:
@@ -603,18 +705,23 @@ def compare(args: argparse.Namespace, base: dict) -> None:
         ours_t, matgl_t = res["times"]["ours"], res["times"]["matgl"]
         ours_ms, matgl_ms = 1e3 * statistics.median(ours_t), 1e3 * statistics.median(matgl_t)
         pair = statistics.median(m / o for m, o in zip(matgl_t, ours_t, strict=True))
-        step = "energy + forces (create_graph), L1 energy + force loss" if task_name == "s2ef" else \
-            "energy only, L1 loss"
-        print(f"{task_name}: {step}; batch {args.batch_size} ({res['atoms']:.0f} atoms, {res['edges']:,.0f} edges), "
-              f"{len(ours_t)} steps each; edge lengths agree to {res['mismatch']:.1e} Å")
+        step = (
+            "energy + forces (create_graph), L1 energy + force loss" if task_name == "s2ef" else "energy only, L1 loss"
+        )
+        print(
+            f"{task_name}: {step}; batch {args.batch_size} ({res['atoms']:.0f} atoms, {res['edges']:,.0f} edges), "
+            f"{len(ours_t)} steps each; edge lengths agree to {res['mismatch']:.1e} Å"
+        )
         print(f"  trainable parameters: ours {ours_params:,}, matgl {matgl_params:,}")
         print(f"  ours  {ours_ms:8.1f} ms/step  ({res['structures'] / ours_ms * 1e3:6.1f} structures/s)")
         print(f"  matgl {matgl_ms:8.1f} ms/step  ({res['structures'] / matgl_ms * 1e3:6.1f} structures/s)")
         verdict = ""
         if task_name == "s2ef":
             verdict = f"  (target >= 1.5x: {'MET' if matgl_ms / ours_ms >= 1.5 else 'MISSED'})"
-        print(f"  speed-up ours vs matgl: {matgl_ms / ours_ms:.2f}x (ratio of medians), "
-              f"{pair:.2f}x (median of per-batch ratios){verdict}")
+        print(
+            f"  speed-up ours vs matgl: {matgl_ms / ours_ms:.2f}x (ratio of medians), "
+            f"{pair:.2f}x (median of per-batch ratios){verdict}"
+        )
 
 
 def profile_megnet(args: argparse.Namespace, base: dict) -> None:
@@ -622,8 +729,7 @@ def profile_megnet(args: argparse.Namespace, base: dict) -> None:
     if args.device != "cpu":
         print("(CPU only)")
         return
-    cfg = {**base, "batch_size": args.batch_size, "steps": 2 if args.quick else 6, "warmup": args.warmup,
-           "rows": 15}
+    cfg = {**base, "batch_size": args.batch_size, "steps": 2 if args.quick else 6, "warmup": args.warmup, "rows": 15}
     try:
         out = in_fresh_process(run_profile, cfg)
     except RuntimeError as err:

@@ -65,9 +65,18 @@ def latest_run(save_dir: Path) -> Path | None:
 
 def train(config: Path, save_dir: Path, epochs: int, threads: int) -> tuple[int, str]:
     """``matsciml fit`` in a fresh process; returns its exit code and output tail."""
-    command = [sys.executable, "-m", "matsciml.cli", "fit", "--config", str(config),
-               f"--trainer.max_epochs={epochs}", f"--trainer.logger.init_args.save_dir={save_dir}",
-               "--trainer.callbacks+=matsciml.tasks.timing.EpochTimer", "--trainer.enable_progress_bar=false"]
+    command = [
+        sys.executable,
+        "-m",
+        "matsciml.cli",
+        "fit",
+        "--config",
+        str(config),
+        f"--trainer.max_epochs={epochs}",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--trainer.callbacks+=matsciml.tasks.timing.EpochTimer",
+        "--trainer.enable_progress_bar=false",
+    ]
     save_dir.mkdir(parents=True, exist_ok=True)
     log = save_dir / "fit.log"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -92,10 +101,17 @@ def read_run(run: Path) -> dict:
     times = [float(row["time/train_epoch_s"]) for row in rows if row.get("time/train_epoch_s")]
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     model = AbstractEnergyModel.from_spec(checkpoint["hyper_parameters"]["model"])
-    metrics = {name: last(column) for name, column in {
-        "train_energy": "train/energy_mae_epoch", "train_force": "train/force_mae_epoch",
-        "val_energy": "val/energy_mae", "val_force": "val/force_mae",
-        "energy_baseline": "val/energy_mae_baseline", "force_baseline": "val/force_mae_baseline"}.items()}
+    metrics = {
+        name: last(column)
+        for name, column in {
+            "train_energy": "train/energy_mae_epoch",
+            "train_force": "train/force_mae_epoch",
+            "val_energy": "val/energy_mae",
+            "val_force": "val/force_mae",
+            "energy_baseline": "val/energy_mae_baseline",
+            "force_baseline": "val/force_mae_baseline",
+        }.items()
+    }
     return {"times": times, "params": sum(p.numel() for p in model.parameters() if p.requires_grad), **metrics}
 
 
@@ -104,9 +120,10 @@ def render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
         align = ["---" if k < 2 else "---:" for k in range(len(head))]
         return "\n".join("| " + " | ".join(line) + " |" for line in [head, align, *rows])
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(head)]
-    return "\n".join("  ".join(x.ljust(w) if k < 2 else x.rjust(w) for k, (x, w) in enumerate(zip(line, widths,
-                                                                                                  strict=True)))
-                     for line in [head, *rows])
+    return "\n".join(
+        "  ".join(x.ljust(w) if k < 2 else x.rjust(w) for k, (x, w) in enumerate(zip(line, widths, strict=True)))
+        for line in [head, *rows]
+    )
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -115,32 +132,67 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 def tables(results: dict[tuple[str, str], dict], markdown: bool) -> str:
     head1 = ["model", "task", "parameters", "processes", "batch size", "epochs", "mean epoch time (s)"]
-    head2 = ["model", "task", "train energy MAE (eV)", "val energy MAE (eV)", "val energy baseline (eV)",
-             "train force MAE (eV/Å)", "val force MAE (eV/Å)", "val force baseline (eV/Å)"]
+    head2 = [
+        "model",
+        "task",
+        "train energy MAE (eV)",
+        "val energy MAE (eV)",
+        "val energy baseline (eV)",
+        "train force MAE (eV/Å)",
+        "val force MAE (eV/Å)",
+        "val force baseline (eV/Å)",
+    ]
     rows1, rows2 = [], []
     for (model, task), r in results.items():
         times = r["times"][1:] if len(r["times"]) >= 2 else r["times"]
         mean = sum(times) / len(times) if times else None
-        rows1.append([model, task, f"{r['params']:,}", "1 (CPU)", str(r["batch_size"]), str(len(r["times"])),
-                      fmt(mean, 1)])
-        rows2.append([model, task, fmt(r["train_energy"]), fmt(r["val_energy"]), fmt(r["energy_baseline"]),
-                      fmt(r["train_force"]), fmt(r["val_force"]), fmt(r["force_baseline"])])
-    return (f"Table 1 (cost)\n{render(head1, rows1, markdown)}\n\n"
-            f"Table 2 (final-epoch errors; baselines: training-mean energy, zero forces)\n"
-            f"{render(head2, rows2, markdown)}")
+        rows1.append(
+            [model, task, f"{r['params']:,}", "1 (CPU)", str(r["batch_size"]), str(len(r["times"])), fmt(mean, 1)]
+        )
+        rows2.append(
+            [
+                model,
+                task,
+                fmt(r["train_energy"]),
+                fmt(r["val_energy"]),
+                fmt(r["energy_baseline"]),
+                fmt(r["train_force"]),
+                fmt(r["val_force"]),
+                fmt(r["force_baseline"]),
+            ]
+        )
+    return (
+        f"Table 1 (cost)\n{render(head1, rows1, markdown)}\n\n"
+        f"Table 2 (final-epoch errors; baselines: training-mean energy, zero forces)\n"
+        f"{render(head2, rows2, markdown)}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", nargs="+", choices=MODELS, default=list(MODELS), help="models to run")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks to run")
-    parser.add_argument("--epochs", nargs="+", default=[], metavar="[MODEL=]N",
-                        help="epochs for every model (N) or per model (egnn=10 megnet=6 gala=3, the defaults)")
-    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "out" / "paper_tables",
-                        help="one save_dir per run below this folder")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per run (OMP_NUM_THREADS; default 1, as docs/training.md measured)")
+    parser.add_argument(
+        "--epochs",
+        nargs="+",
+        default=[],
+        metavar="[MODEL=]N",
+        help="epochs for every model (N) or per model (egnn=10 megnet=6 gala=3, the defaults)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "experiments" / "out" / "paper_tables",
+        help="one save_dir per run below this folder",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (OMP_NUM_THREADS; default 1, as docs/training.md measured)",
+    )
     parser.add_argument("--no-train", action="store_true", help="only read the newest runs already in --out")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     args = parser.parse_args()

@@ -45,8 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "experiments" / ".cache"
-LAUNCHER_VARIABLES = ("SLURM_", "MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC",
-                      "PL_")
+LAUNCHER_VARIABLES = ("SLURM_", "MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC", "PL_")
 
 
 def cores() -> int:
@@ -85,20 +84,37 @@ def worker(args: argparse.Namespace) -> None:
     from matsciml.tasks.timing import EpochTimer
 
     pl.seed_everything(0, verbose=False)
-    data = S2EFDataModule(train_path=args.data, batch_size=args.batch_size, num_workers=args.num_workers,
-                          cutoff=6.0, representation="graph")
+    data = S2EFDataModule(
+        train_path=args.data,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        cutoff=6.0,
+        representation="graph",
+    )
     task = S2EFTask(EGNN(cutoff=6.0), lr=1e-3, statistics=data.target_statistics, species=data.species)
     timer = EpochTimer()
     trainer = pl.Trainer(
-        accelerator=args.accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-        max_epochs=args.epochs, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_epochs=args.epochs,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     trainer.fit(task, datamodule=data)
     if trainer.global_rank == 0:
-        result = {"epoch_times": timer.epoch_times, "structures": len(data.datasets["train"]),
-                  "steps": trainer.num_training_batches, "threads": torch.get_num_threads(),
-                  "params": sum(p.numel() for p in task.parameters())}
+        result = {
+            "epoch_times": timer.epoch_times,
+            "structures": len(data.datasets["train"]),
+            "steps": trainer.num_training_batches,
+            "threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in task.parameters()),
+        }
         Path(args.result).write_text(json.dumps(result))
 
 
@@ -106,10 +122,27 @@ def run_one(args: argparse.Namespace, devices: int, threads: int, workers: int) 
     """One fresh ``--worker`` process (which launches the other DDP ranks itself)."""
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
         result, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--devices", str(devices),
-                   "--result", str(result), "--data", str(args.data), "--epochs", str(args.epochs),
-                   "--batch-size", str(args.batch_size), "--num-workers", str(workers),
-                   "--accelerator", args.accelerator, "--threads", str(threads)]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--devices",
+            str(devices),
+            "--result",
+            str(result),
+            "--data",
+            str(args.data),
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--num-workers",
+            str(workers),
+            "--accelerator",
+            args.accelerator,
+            "--threads",
+            str(threads),
+        ]
         # a launcher's variables (SLURM, torchrun) would make Lightning wait for ranks nobody starts
         env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARIABLES)}
         # Lightning sets OMP_NUM_THREADS to cores // N for DDP ranks unless it is set: set it ourselves
@@ -123,10 +156,19 @@ def run_one(args: argparse.Namespace, devices: int, threads: int, workers: int) 
 
 
 def table(rows: list[dict], markdown: bool) -> str:
-    head = ["processes", "threads/process", "global batch", "epoch time (s)", "structures/s", "speed-up",
-            "efficiency"]
-    cells = [[str(r["processes"]), str(r["threads"]), str(r["global_batch"]), f"{r['epoch_s']:.1f}",
-              f"{r['throughput']:.1f}", f"{r['speedup']:.2f}x", f"{r['efficiency']:.0%}"] for r in rows]
+    head = ["processes", "threads/process", "global batch", "epoch time (s)", "structures/s", "speed-up", "efficiency"]
+    cells = [
+        [
+            str(r["processes"]),
+            str(r["threads"]),
+            str(r["global_batch"]),
+            f"{r['epoch_s']:.1f}",
+            f"{r['throughput']:.1f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['efficiency']:.0%}",
+        ]
+        for r in rows
+    ]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
@@ -135,19 +177,36 @@ def table(rows: list[dict], markdown: bool) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num", type=positive, default=10_000, help="synthetic structures (default 10,000)")
-    parser.add_argument("--data", type=Path, default=None, help="dataset directory, written with NUM structures if "
-                        "missing, else used as it is (default experiments/.cache/synthetic-s2ef-NUM)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="dataset directory, written with NUM structures if "
+        "missing, else used as it is (default experiments/.cache/synthetic-s2ef-NUM)",
+    )
     parser.add_argument("--epochs", type=positive, default=2, help="epochs per run, >= 2: the first is warm-up")
     parser.add_argument("--batch-size", type=positive, default=8, help="structures per batch and process")
-    parser.add_argument("--processes", type=positive, nargs="+", default=None,
-                        help="process counts (default: 1 2 on CPU, 1 2 4 8 on GPU)")
+    parser.add_argument(
+        "--processes",
+        type=positive,
+        nargs="+",
+        default=None,
+        help="process counts (default: 1 2 on CPU, 1 2 4 8 on GPU)",
+    )
     parser.add_argument("--threads", type=positive, default=None, help="torch threads per process (default cores // N)")
-    parser.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="W", default=None,
-                        help="DataLoader workers per process (default 0 on CPU, where they compete with training "
-                             "for the cores; on GPU min(4, cores // N - 1))")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        choices=range(0, 65),
+        metavar="W",
+        default=None,
+        help="DataLoader workers per process (default 0 on CPU, where they compete with training "
+        "for the cores; on GPU min(4, cores // N - 1))",
+    )
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="1,000 structures, 2 epochs")
     parser.add_argument("--json", type=Path, default=None, help="also save the results here")
@@ -167,33 +226,59 @@ def main() -> None:
     processes = args.processes or ([1, 2] if args.accelerator == "cpu" else [1, 2, 4, 8])
     args.data = (args.data or CACHE / f"synthetic-s2ef-{args.num}").resolve()
     ensure_dataset(args.data, args.num)
-    print(f"{args.accelerator}, {cores()} cores, batch {args.batch_size}/process, {args.epochs} epochs, "
-          f"data {args.data}", flush=True)
+    print(
+        f"{args.accelerator}, {cores()} cores, batch {args.batch_size}/process, {args.epochs} epochs, data {args.data}",
+        flush=True,
+    )
 
     rows: list[dict] = []
     for n in processes:
         threads = args.threads or max(1, cores() // n)
-        workers = args.num_workers if args.num_workers is not None else \
-            0 if args.accelerator == "cpu" else min(4, max(1, cores() // n - 1))
+        workers = (
+            args.num_workers
+            if args.num_workers is not None
+            else 0
+            if args.accelerator == "cpu"
+            else min(4, max(1, cores() // n - 1))
+        )
         print(f"running {n} process(es) x {threads} thread(s), {workers} loader worker(s) each ...", flush=True)
         start = time.perf_counter()
         res = run_one(args, n, threads, workers)
         epoch_s = statistics.median(res["epoch_times"][1:])
-        rows.append({"processes": n, "threads": threads, "loader_workers": workers, "global_batch": n * args.batch_size,
-                     "epoch_s": epoch_s, "throughput": res["structures"] / epoch_s, "steps_per_epoch": res["steps"],
-                     "epoch_times": res["epoch_times"], "structures": res["structures"], "params": res["params"]})
-        print(f"  epochs {', '.join(f'{t:.1f}' for t in res['epoch_times'])} s; "
-              f"{res['steps']} steps/epoch; run {time.perf_counter() - start:.0f} s", flush=True)
+        rows.append(
+            {
+                "processes": n,
+                "threads": threads,
+                "loader_workers": workers,
+                "global_batch": n * args.batch_size,
+                "epoch_s": epoch_s,
+                "throughput": res["structures"] / epoch_s,
+                "steps_per_epoch": res["steps"],
+                "epoch_times": res["epoch_times"],
+                "structures": res["structures"],
+                "params": res["params"],
+            }
+        )
+        print(
+            f"  epochs {', '.join(f'{t:.1f}' for t in res['epoch_times'])} s; "
+            f"{res['steps']} steps/epoch; run {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
     base = min(rows, key=lambda r: r["processes"])
     for r in rows:  # relative to the fewest processes run (taken as perfectly efficient when more than one)
         r["speedup"] = base["epoch_s"] / r["epoch_s"] * base["processes"]
         r["efficiency"] = r["speedup"] / r["processes"]
-    print(f"\nEGNN S2EF ({rows[0]['params']:,} parameters), {rows[0]['structures']:,} structures; "
-          "epoch time = median of epochs after the first")
+    print(
+        f"\nEGNN S2EF ({rows[0]['params']:,} parameters), {rows[0]['structures']:,} structures; "
+        "epoch time = median of epochs after the first"
+    )
     print(table(rows, args.markdown))
     if args.json:
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("worker", "devices", "result", "json", "markdown")}
+        settings = {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("worker", "devices", "result", "json", "markdown")
+        }
         settings["processes"] = processes
         args.json.write_text(json.dumps({"settings": settings, "cores": cores(), "runs": rows}, indent=2))
         print(f"saved {args.json}")

@@ -30,11 +30,14 @@ def _torch_xpu():
         try:  # torch < 2.4: Intel's extension adds torch.xpu
             importlib.import_module("intel_extension_for_pytorch")
         except ImportError:
-            return None, (f"torch {torch.__version__} has no torch.xpu and intel_extension_for_pytorch "
-                          "is not installed")
+            return None, (
+                f"torch {torch.__version__} has no torch.xpu and intel_extension_for_pytorch is not installed"
+            )
     if not torch.xpu.is_available():
-        return None, (f"torch.xpu.is_available() is False: no Intel GPU is visible, or torch "
-                      f"{torch.__version__} was built without XPU support")
+        return None, (
+            f"torch.xpu.is_available() is False: no Intel GPU is visible, or torch "
+            f"{torch.__version__} was built without XPU support"
+        )
     return torch.xpu, ""
 
 
@@ -66,8 +69,9 @@ def check_accelerator(accelerator: Any) -> None:
 def _parse_indices(devices: int | str | list[int]) -> list[int]:
     count = XPUAccelerator.auto_device_count()
     if isinstance(devices, str):
-        devices = int(devices) if devices.strip().lstrip("-").isdigit() else \
-            [int(i) for i in devices.split(",") if i.strip()]
+        devices = (
+            int(devices) if devices.strip().lstrip("-").isdigit() else [int(i) for i in devices.split(",") if i.strip()]
+        )
     if isinstance(devices, int):
         devices = list(range(count)) if devices == -1 else list(range(devices))
     missing = [i for i in devices if not 0 <= i < count]

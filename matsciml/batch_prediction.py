@@ -39,12 +39,14 @@ def load_any(model: str | os.PathLike, device: str = "cpu") -> AtomisticTask:
     return load_model(model, device=device)
 
 
-def _batches(task: AtomisticTask, structures: Sequence[Atoms], batch_size: int, num_workers: int,
-             max_neighbors: MaxNeighbors) -> Iterator[list[Atoms]]:
+def _batches(
+    task: AtomisticTask, structures: Sequence[Atoms], batch_size: int, num_workers: int, max_neighbors: MaxNeighbors
+) -> Iterator[list[Atoms]]:
     """Copies of ``structures`` with results, one batch at a time."""
     collate = functools.partial(batch_from_atoms, **inference_graph(task, max_neighbors))
-    loader = torch.utils.data.DataLoader(list(structures), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        list(structures), batch_size=batch_size, num_workers=num_workers, collate_fn=collate
+    )
     device = next(task.parameters()).device
     start = 0
     for batch in loader:
@@ -57,7 +59,7 @@ def _batches(task: AtomisticTask, structures: Sequence[Atoms], batch_size: int, 
             n = len(atoms)
             values = {"energy": float(energy)}
             if forces is not None:
-                values["forces"] = forces[offset:offset + n]
+                values["forces"] = forces[offset : offset + n]
             atoms.calc = SinglePointCalculator(atoms, **values)
             results.append(atoms)
             offset += n
@@ -65,8 +67,13 @@ def _batches(task: AtomisticTask, structures: Sequence[Atoms], batch_size: int, 
         yield results
 
 
-def predict_atoms(task: AtomisticTask, structures: Sequence[Atoms], batch_size: int = 8, num_workers: int = 0,
-                  max_neighbors: MaxNeighbors = TRAINED) -> list[Atoms]:
+def predict_atoms(
+    task: AtomisticTask,
+    structures: Sequence[Atoms],
+    batch_size: int = 8,
+    num_workers: int = 0,
+    max_neighbors: MaxNeighbors = TRAINED,
+) -> list[Atoms]:
     """Copies of ``structures`` with the task's energy (eV) and, for S2EF, forces (eV/Å).
 
     ``max_neighbors``: as for :class:`~matsciml.calculators.MatSciMLCalculator` (default: the
@@ -80,9 +87,15 @@ def _progress_file(partial: Path) -> Path:
     return partial.with_name(partial.name + ".done")
 
 
-def predict_files(task: AtomisticTask, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                  batch_size: int = 8, num_workers: int = 0, max_neighbors: MaxNeighbors = TRAINED,
-                  progress: bool = True) -> int:
+def predict_files(
+    task: AtomisticTask,
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    max_neighbors: MaxNeighbors = TRAINED,
+    progress: bool = True,
+) -> int:
     """Predict every structure of ``inputs`` (any ASE-readable files) into the extxyz file ``out``.
 
     Returns the number of structures written. Resumable: ``<out>.partial`` holds finished
@@ -106,7 +119,7 @@ def predict_files(task: AtomisticTask, inputs: Sequence[str | os.PathLike], out:
     bar = progress_bar(Console(stderr=True), unit="structures", disable=not progress)
     with bar:
         counter = bar.add_task(f"predicting into {out.name}", total=len(structures), completed=done["structures"])
-        remaining = structures[done["structures"]:]
+        remaining = structures[done["structures"] :]
         for results in _batches(task, remaining, batch_size, num_workers, max_neighbors):
             with open(partial, "a") as handle:
                 write(handle, results, format="extxyz")

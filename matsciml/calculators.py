@@ -46,8 +46,11 @@ def inference_graph(task: AtomisticTask, max_neighbors: MaxNeighbors = TRAINED) 
         max_neighbors: ``"trained"`` (default): as recorded; ``None``: every neighbour within the
             cutoff; an integer: that cap.
     """
-    if not (max_neighbors is None or max_neighbors == TRAINED
-            or (isinstance(max_neighbors, int) and not isinstance(max_neighbors, bool) and max_neighbors >= 1)):
+    if not (
+        max_neighbors is None
+        or max_neighbors == TRAINED
+        or (isinstance(max_neighbors, int) and not isinstance(max_neighbors, bool) and max_neighbors >= 1)
+    ):
         raise ValueError(f"max_neighbors must be 'trained', None or a positive integer, got {max_neighbors!r}")
     model = task.model
     if model.representation != "graph":
@@ -56,17 +59,21 @@ def inference_graph(task: AtomisticTask, max_neighbors: MaxNeighbors = TRAINED) 
     cutoff = recorded.get("cutoff", getattr(model, "cutoff", None))
     cap = recorded.get("max_neighbors") if max_neighbors == TRAINED else max_neighbors
     if cap is not None:
-        warnings.warn(f"matsciml: the radius graph keeps only the {cap} nearest neighbours per atom "
-                      f"(cutoff {cutoff} Å): energies and forces jump where neighbours swap rank; pass "
-                      "max_neighbors=None (CLI: --max-neighbors 0) for a continuous surface", stacklevel=3)
+        warnings.warn(
+            f"matsciml: the radius graph keeps only the {cap} nearest neighbours per atom "
+            f"(cutoff {cutoff} Å): energies and forces jump where neighbours swap rank; pass "
+            "max_neighbors=None (CLI: --max-neighbors 0) for a continuous surface",
+            stacklevel=3,
+        )
     graph = {"representation": "graph", "max_neighbors": cap}
     if cutoff is not None:
         graph["cutoff"] = cutoff
     return graph
 
 
-def load_task(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
-              trusted_modules: Iterable[str] | None = None) -> AtomisticTask:
+def load_task(
+    checkpoint: str | os.PathLike, device: str | torch.device = "cpu", trusted_modules: Iterable[str] | None = None
+) -> AtomisticTask:
     """The task saved in a Lightning checkpoint (CLI or Python), loaded weights-only, in eval mode.
 
     The task is built as for exports (:func:`matsciml.export.task_from_checkpoint`): its task and
@@ -100,8 +107,14 @@ class MatSciMLCalculator(Calculator):
     the relaxed adsorption energy of the initial structure, which has no forces.
     """
 
-    def __init__(self, task: AtomisticTask, device: str | torch.device = "cpu", dtype: str = "float32",
-                 max_neighbors: MaxNeighbors = TRAINED, **kwargs: Any):
+    def __init__(
+        self,
+        task: AtomisticTask,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        max_neighbors: MaxNeighbors = TRAINED,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -117,28 +130,40 @@ class MatSciMLCalculator(Calculator):
         self.implemented_properties = properties
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        trusted_modules: Iterable[str] | None = None, **kwargs: Any) -> MatSciMLCalculator:
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        trusted_modules: Iterable[str] | None = None,
+        **kwargs: Any,
+    ) -> MatSciMLCalculator:
         """A calculator for the task in a Lightning checkpoint (loaded weights-only; classes from
         ``matsciml`` or ``trusted_modules`` only, see :func:`load_task`)."""
         return cls(load_task(path, device=device, trusted_modules=trusted_modules), device=device, **kwargs)
 
     @classmethod
-    def from_package(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                     trusted_modules: Iterable[str] | None = None, **kwargs: Any) -> MatSciMLCalculator:
+    def from_package(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        trusted_modules: Iterable[str] | None = None,
+        **kwargs: Any,
+    ) -> MatSciMLCalculator:
         """A calculator for an exported model package (``matsciml export``)."""
         from matsciml.export import load_model
 
         return cls(load_model(path, device=device, trusted_modules=trusted_modules), device=device, **kwargs)
 
-    def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
-                  system_changes: list[str] = all_changes) -> None:
+    def calculate(
+        self, atoms: Atoms | None = None, properties: list[str] | None = None, system_changes: list[str] = all_changes
+    ) -> None:
         properties = properties or ["energy"]
         missing = [p for p in properties if p not in self.implemented_properties]
         if missing:
             raise PropertyNotImplementedError(
                 f"{type(self.task).__name__} does not predict {', '.join(missing)} "
-                f"(it predicts {', '.join(self.implemented_properties)})")
+                f"(it predicts {', '.join(self.implemented_properties)})"
+            )
         super().calculate(atoms, properties, system_changes)
         batch = batch_from_atoms(self.atoms, dtype=self.dtype, **self.graph).to(self.device)
         out = self.task(batch)  # forces and stress need autograd: no torch.no_grad here

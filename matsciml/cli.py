@@ -47,15 +47,23 @@ def _cmd_data_check(args: argparse.Namespace) -> None:
     from matsciml.data.check import check_dataset
 
     check_dataset(
-        _dataset_path(args), task=args.task, batch_size=args.batch_size, cutoff=args.cutoff,
-        max_neighbors=args.max_neighbors, num_workers=args.num_workers, limit=args.limit,
+        _dataset_path(args),
+        task=args.task,
+        batch_size=args.batch_size,
+        cutoff=args.cutoff,
+        max_neighbors=args.max_neighbors,
+        num_workers=args.num_workers,
+        limit=args.limit,
     )
 
 
 def _step_config(args: argparse.Namespace) -> dict:
     """The parsed arguments as plain data, for a step record."""
-    return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
-            for k, v in vars(args).items() if k != "func"}
+    return {
+        k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
+        for k, v in vars(args).items()
+        if k != "func"
+    }
 
 
 def _cmd_data_convert(args: argparse.Namespace) -> None:
@@ -68,8 +76,14 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
         record.add_input("source", source, kind="file" if source.is_file() else "directory")
     with recorded(record):
         convert(
-            args.sources, args.destination, task=args.task, records_per_shard=args.records_per_shard,
-            num_workers=args.workers, overwrite=args.overwrite, title=args.title, license=args.license,
+            args.sources,
+            args.destination,
+            task=args.task,
+            records_per_shard=args.records_per_shard,
+            num_workers=args.workers,
+            overwrite=args.overwrite,
+            title=args.title,
+            license=args.license,
         )
         record.add_output("dataset", args.destination, kind="dataset", digest=dataset_digest(args.destination))
 
@@ -83,8 +97,9 @@ def _cmd_devset_build(args: argparse.Namespace) -> None:
     with recorded(StepRecord(args.out, "devset build", command=args.command, config=_step_config(args))) as record:
         build_devsets(args.out, seed=args.seed, overwrite=args.overwrite, workers=args.workers)
         for dataset in sorted(args.out.glob("*/*/")):
-            record.add_output(f"dataset:{dataset.parent.name}/{dataset.name}", dataset, kind="dataset",
-                              digest=dataset_digest(dataset))
+            record.add_output(
+                f"dataset:{dataset.parent.name}/{dataset.name}", dataset, kind="dataset", digest=dataset_digest(dataset)
+            )
 
 
 def _cmd_devset_synthetic(args: argparse.Namespace) -> None:
@@ -94,8 +109,12 @@ def _cmd_devset_synthetic(args: argparse.Namespace) -> None:
 
     with recorded(dataset_record(args.destination, "devset synthetic", args.command, _step_config(args))) as record:
         write_synthetic(
-            args.destination, num_structures=args.num, task=args.task, seed=args.seed,
-            records_per_shard=args.records_per_shard, overwrite=args.overwrite,
+            args.destination,
+            num_structures=args.num,
+            task=args.task,
+            seed=args.seed,
+            records_per_shard=args.records_per_shard,
+            overwrite=args.overwrite,
         )
         record.add_output("dataset", args.destination, kind="dataset", digest=dataset_digest(args.destination))
 
@@ -107,8 +126,13 @@ def _cmd_runs_list(args: argparse.Namespace) -> None:
     if args.metrics:
         frame = frame[[c for c in runs.COLUMNS if c not in ("path", "run_id")] + args.metrics]
     elif args.format == "table":  # every metric is too wide for a terminal: the main ones
-        frame = frame[[c for c in frame.columns if c not in ("path", "run_id") and not c.startswith("train/")
-                       and not c.endswith(("_step", "_baseline"))]]
+        frame = frame[
+            [
+                c
+                for c in frame.columns
+                if c not in ("path", "run_id") and not c.startswith("train/") and not c.endswith(("_step", "_baseline"))
+            ]
+        ]
     print(runs.render(frame, args.format))
 
 
@@ -121,8 +145,10 @@ def _cmd_runs_show(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(record, indent=1))
         return
-    print(f"{record['step']} {record['status']}  run {record['run_id']}  {record['started_at']}  "
-          f"{record['duration_s'] or 0:.1f} s")
+    print(
+        f"{record['step']} {record['status']}  run {record['run_id']}  {record['started_at']}  "
+        f"{record['duration_s'] or 0:.1f} s"
+    )
     print("command: " + " ".join(record["command"]))
     git = record["code"]["git"] or {}
     print(f"code: matsciml {record['code']['version']}  commit {git.get('commit')}  dirty {git.get('dirty')}")
@@ -182,8 +208,15 @@ def _cmd_runs_plot(args: argparse.Namespace) -> None:
 def _cmd_hpo(args: argparse.Namespace) -> None:
     from matsciml.hpo.study import run_hpo
 
-    run_hpo(args.config, args.space, args.trials, backend=args.backend, study_dir=args.study_dir,
-            study_name=args.study_name, command=args.command)
+    run_hpo(
+        args.config,
+        args.space,
+        args.trials,
+        backend=args.backend,
+        study_dir=args.study_dir,
+        study_name=args.study_name,
+        command=args.command,
+    )
 
 
 def _add_dataset_argument(parser: argparse.ArgumentParser) -> None:
@@ -211,15 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the metadata card as JSON")
     info.set_defaults(func=_cmd_data_info)
 
-    check = data_commands.add_parser(
-        "check", help="read every record, build graphs and batches, and report problems"
-    )
+    check = data_commands.add_parser("check", help="read every record, build graphs and batches, and report problems")
     _add_dataset_argument(check)
     check.add_argument("--task", choices=("s2ef", "is2re"), help="require this task's targets")
     check.add_argument("--batch-size", type=_positive, default=8)
     check.add_argument("--cutoff", type=float, default=6.0, help="radius graph cutoff in Å")
-    check.add_argument("--max-neighbors", type=_positive, default=None,
-                       help="keep only this many nearest neighbours per atom (default: every pair within the cutoff)")
+    check.add_argument(
+        "--max-neighbors",
+        type=_positive,
+        default=None,
+        help="keep only this many nearest neighbours per atom (default: every pair within the cutoff)",
+    )
     check.add_argument("--num-workers", type=_count, default=0)
     check.add_argument("--limit", type=_positive, help="stop after this many structures")
     check.set_defaults(func=_cmd_data_check)
@@ -230,12 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("sources", nargs="+", type=Path, help="input files or folders")
     convert.add_argument("destination", type=Path, help="dataset directory to create")
     convert.add_argument("--task", required=True, choices=("s2ef", "is2re"))
-    convert.add_argument("--records-per-shard", type=_count, default=None,
-                         help="shard size; 0 writes one data.lmdb (default: 10000 for s2ef, one file for is2re)")
+    convert.add_argument(
+        "--records-per-shard",
+        type=_count,
+        default=None,
+        help="shard size; 0 writes one data.lmdb (default: 10000 for s2ef, one file for is2re)",
+    )
     convert.add_argument("--workers", type=_count, default=1, help="parallel reader processes")
     convert.add_argument("--title", help="dataset title for the metadata card")
-    convert.add_argument("--license", default="unspecified",
-                         help="the data's license, for the metadata card (e.g. CC-BY-4.0 for OC20)")
+    convert.add_argument(
+        "--license", default="unspecified", help="the data's license, for the metadata card (e.g. CC-BY-4.0 for OC20)"
+    )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     convert.set_defaults(func=_cmd_data_convert)
 
@@ -266,15 +306,27 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_export(args: argparse.Namespace) -> None:
     from matsciml.export import export_package
 
-    out = export_package(args.checkpoint, args.out, as_zip=True if args.zip else None, overwrite=args.overwrite,
-                         intended_use=args.intended_use, command=args.command, config=_step_config(args))
+    out = export_package(
+        args.checkpoint,
+        args.out,
+        as_zip=True if args.zip else None,
+        overwrite=args.overwrite,
+        intended_use=args.intended_use,
+        command=args.command,
+        config=_step_config(args),
+    )
     print(f"matsciml: wrote {out} (record: {out}.step.json)")
 
 
 def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust-module", action="append", default=[], metavar="NAME",
-                        help="a module (and its submodules) whose task or model classes a checkpoint or package "
-                             "may name, besides matsciml's (repeatable; see docs/export.md)")
+    parser.add_argument(
+        "--trust-module",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a module (and its submodules) whose task or model classes a checkpoint or package "
+        "may name, besides matsciml's (repeatable; see docs/export.md)",
+    )
 
 
 def _add_export_command(commands: argparse._SubParsersAction) -> None:
@@ -292,8 +344,12 @@ def _add_hpo_command(commands: argparse._SubParsersAction) -> None:
     hpo = commands.add_parser("hpo", help="hyperparameter search over fit runs (Optuna or SigOpt; docs/hpo.md)")
     hpo.add_argument("--config", type=Path, required=True, help="the base fit config (configs/devset/is2re-egnn.yaml)")
     hpo.add_argument("--space", type=Path, required=True, help="the search space (configs/hpo/is2re-egnn-space.yaml)")
-    hpo.add_argument("--trials", type=_positive, required=True,
-                     help="run until the study holds this many trials (re-running resumes it)")
+    hpo.add_argument(
+        "--trials",
+        type=_positive,
+        required=True,
+        help="run until the study holds this many trials (re-running resumes it)",
+    )
     hpo.add_argument("--backend", choices=("optuna", "sigopt"), default="optuna")
     hpo.add_argument("--study-dir", type=Path, help="where the study lives (default: runs/hpo/STUDY_NAME)")
     hpo.add_argument("--study-name", help="default: the space file's name without .yaml")
@@ -340,8 +396,14 @@ def _cmd_predict_structures(args: argparse.Namespace) -> None:
         record.add_input("structures", path)
     with recorded(record):
         task = load_any(args.model, device=args.device)
-        count = predict_files(task, args.inputs, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
-                              max_neighbors=_max_neighbors(args.max_neighbors))
+        count = predict_files(
+            task,
+            args.inputs,
+            args.out,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            max_neighbors=_max_neighbors(args.max_neighbors),
+        )
         record.add_output("predictions", args.out, kind="predictions")
         record.set_metrics(final={"structures": count})
     print(f"matsciml: wrote {count} structures with energies and forces to {args.out}")
@@ -355,17 +417,22 @@ def _max_neighbors(value: int | None) -> int | str | None:
 
 
 def _add_predict_structures_command(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("predict-structures",
-                                 help="energies and forces for structure files (any ASE format) into one extxyz")
+    parser = commands.add_parser(
+        "predict-structures", help="energies and forces for structure files (any ASE format) into one extxyz"
+    )
     parser.add_argument("model", type=Path, help="a checkpoint (.ckpt) or an exported package (matsciml export)")
     parser.add_argument("inputs", nargs="+", type=Path, help="structure files, every frame of each")
     parser.add_argument("--out", type=Path, required=True, help="extxyz file to write (resumes a partial one)")
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--num-workers", type=_count, default=0, help="DataLoader processes building graphs")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    parser.add_argument("--max-neighbors", type=_count, default=None,
-                        help="neighbour cap (default: as recorded at training, none for models trained without "
-                             "one); 0: every neighbour within the cutoff")
+    parser.add_argument(
+        "--max-neighbors",
+        type=_count,
+        default=None,
+        help="neighbour cap (default: as recorded at training, none for models trained without "
+        "one); 0: every neighbour within the cutoff",
+    )
     _add_trust_argument(parser)
     parser.set_defaults(func=_cmd_predict_structures)
 

@@ -87,9 +87,12 @@ def model_description(checkpoint: dict[str, Any], trusted_modules: Iterable[str]
     task_class = task_class_from_path(class_path, trusted_modules)
     accepted = set(inspect.signature(task_class.__init__).parameters) - {"self", "model"}
     init_args = {k: _plain(v, k) for k, v in hparams.items() if k in accepted}
-    return {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "task": {"class_path": class_path, "init_args": init_args},
-            "model": _plain(hparams["model"], "model")}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": {"class_path": class_path, "init_args": init_args},
+        "model": _plain(hparams["model"], "model"),
+    }
 
 
 def checkpoint_task_path(hparams: dict[str, Any]) -> str:
@@ -97,7 +100,8 @@ def checkpoint_task_path(hparams: dict[str, Any]) -> str:
     (``matsciml fit``) stored it; a bare Trainer's checkpoint has none, and only S2EF takes
     ``regress_forces``."""
     return hparams.get("_class_path") or (
-        "matsciml.tasks.S2EFTask" if "regress_forces" in hparams else "matsciml.tasks.IS2RETask")
+        "matsciml.tasks.S2EFTask" if "regress_forces" in hparams else "matsciml.tasks.IS2RETask"
+    )
 
 
 def task_class_from_path(class_path: str, trusted_modules: Iterable[str] | None = None) -> type[AtomisticTask]:
@@ -112,14 +116,17 @@ def build_task(description: dict[str, Any], trusted_modules: Iterable[str] | Non
         description: the parsed ``model.json`` (or :func:`model_description` of a checkpoint).
         trusted_modules: modules besides ``matsciml`` the task and model classes may come from.
     """
-    if not isinstance(description, dict) or (description.get("format"), description.get("format_version")) \
-            != (FORMAT, FORMAT_VERSION):
+    if not isinstance(description, dict) or (description.get("format"), description.get("format_version")) != (
+        FORMAT,
+        FORMAT_VERSION,
+    ):
         raise ExportError(f"{MODEL_FILE} is not a {FORMAT} description of format_version {FORMAT_VERSION}")
     task = description.get("task") or {}
     task_class = task_class_from_path(task.get("class_path", ""), trusted_modules)
     try:
-        return task_class(model=AbstractEnergyModel.from_spec(description.get("model"), trusted_modules),
-                          **task.get("init_args", {}))
+        return task_class(
+            model=AbstractEnergyModel.from_spec(description.get("model"), trusted_modules), **task.get("init_args", {})
+        )
     except TypeError as err:  # an argument this task does not take
         raise ExportError(f"{MODEL_FILE}: {task_class.__name__} cannot be built: {err}") from err
 
@@ -160,8 +167,9 @@ def _load_weights(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
 
         return load(data)
     state = _weights_only_load(io.BytesIO(data), f"{name} is not a weights-only tensor file")
-    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                            for k, v in state.items())):
+    if not (
+        isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
         raise ExportError(f"{name} does not hold a {{name: tensor}} state dict")
     return state
 
@@ -205,8 +213,9 @@ def _read_package(path: Path) -> dict[str, bytes]:
     return files
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               trusted_modules: Iterable[str] | None = None) -> AtomisticTask:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", trusted_modules: Iterable[str] | None = None
+) -> AtomisticTask:
     """The task of an exported package (folder or zip), in eval mode on ``device``.
 
     Args:
@@ -238,38 +247,64 @@ def _training_data(checkpoint_path: Path) -> dict[str, Any]:
     """What the run that wrote the checkpoint trained on, from its step record if there is one."""
     record_path = checkpoint_path.resolve().parent.parent / provenance.RECORD_NAME
     if checkpoint_path.resolve().parent.name != "checkpoints" or not record_path.is_file():
-        return {"known": False, "note": "the checkpoint is not in a run folder with a step record "
-                                        "(<run>/checkpoints/*.ckpt beside <run>/step.json)"}
+        return {
+            "known": False,
+            "note": "the checkpoint is not in a run folder with a step record "
+            "(<run>/checkpoints/*.ckpt beside <run>/step.json)",
+        }
     record = provenance.load_record(record_path)
-    return {"known": True, "run_id": record["run_id"], "record": str(record_path), "step": record["step"],
-            "status": record["status"], "datasets": [i for i in record["inputs"] if i["kind"] == "dataset"],
-            "metrics": record["metrics"], "code": record["code"]}
+    return {
+        "known": True,
+        "run_id": record["run_id"],
+        "record": str(record_path),
+        "step": record["step"],
+        "status": record["status"],
+        "datasets": [i for i in record["inputs"] if i["kind"] == "dataset"],
+        "metrics": record["metrics"],
+        "code": record["code"],
+    }
 
 
-def model_card(task: AtomisticTask, checkpoint: dict[str, Any], checkpoint_path: Path,
-               intended_use: str | None) -> dict[str, Any]:
+def model_card(
+    task: AtomisticTask, checkpoint: dict[str, Any], checkpoint_path: Path, intended_use: str | None
+) -> dict[str, Any]:
     training = _training_data(checkpoint_path)
     outputs = ["energy"] + [name for name in ("forces", "stress") if getattr(task, f"regress_{name}", False)]
     data = ", ".join(sorted({d["path"] for d in training.get("datasets", []) if d["role"].endswith("train_path")}))
     intended_use = intended_use or (  # the default: the training data's domain, and a warning off it
         f"Research use: {task.task.upper()} {' and '.join(outputs)} for structures like its training data "
         f"({data or 'unknown data'}) with atomic numbers {task.species or 'unknown'}. Other elements, "
-        "chemistries or geometries are extrapolation; validate predictions before relying on them.")
+        "chemistries or geometries are extrapolation; validate predictions before relying on them."
+    )
     return {
-        "architecture": type(task.model).__name__, "model_class": task.model.spec()["class_path"],
-        "parameters": task.model.num_parameters(), "cutoff": getattr(task.model, "cutoff", None),
-        "representation": task.model.representation, "elements": task.species, "task": task.task,
-        "outputs": outputs, "units": UNITS, "radius_graph": _radius_graph_card(task),
-        "normalization": {"note": "the energy normaliser (shift, scale, element references) is buffers in the "
-                                  "weights: predictions come out in eV with no other file",
-                          "shift": float(task.normalizer.shift), "scale": float(task.normalizer.scale),
-                          "element_references": {chemical_symbols[z]: ref for z, ref in
-                                                 task.normalizer.reference_energies().items()},
-                          "element_references_source": _references_source(task)},
-        "training_data": training, "intended_use": intended_use,
-        "checkpoint": {"name": checkpoint_path.name, "sha256": provenance.sha256_file(checkpoint_path),
-                       "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")},
-        "exported_by": provenance.code_version(), "created_at": provenance.now(),
+        "architecture": type(task.model).__name__,
+        "model_class": task.model.spec()["class_path"],
+        "parameters": task.model.num_parameters(),
+        "cutoff": getattr(task.model, "cutoff", None),
+        "representation": task.model.representation,
+        "elements": task.species,
+        "task": task.task,
+        "outputs": outputs,
+        "units": UNITS,
+        "radius_graph": _radius_graph_card(task),
+        "normalization": {
+            "note": "the energy normaliser (shift, scale, element references) is buffers in the "
+            "weights: predictions come out in eV with no other file",
+            "shift": float(task.normalizer.shift),
+            "scale": float(task.normalizer.scale),
+            "element_references": {chemical_symbols[z]: ref for z, ref in task.normalizer.reference_energies().items()},
+            "element_references_source": _references_source(task),
+        },
+        "training_data": training,
+        "intended_use": intended_use,
+        "checkpoint": {
+            "name": checkpoint_path.name,
+            "sha256": provenance.sha256_file(checkpoint_path),
+            "epoch": checkpoint.get("epoch"),
+            "global_step": checkpoint.get("global_step"),
+        },
+        "exported_by": provenance.code_version(),
+        "created_at": provenance.now(),
     }
 
 
@@ -279,8 +314,12 @@ def _radius_graph_card(task: AtomisticTask) -> dict[str, Any] | None:
     if graph is None:
         return None
     capped = graph["max_neighbors"] is not None
-    note = ("capped: energies and forces jump where neighbours swap rank; load with max_neighbors=None for a "
-            "continuous surface" if capped else "every neighbour within the cutoff: a continuous surface")
+    note = (
+        "capped: energies and forces jump where neighbours swap rank; load with max_neighbors=None for a "
+        "continuous surface"
+        if capped
+        else "every neighbour within the cutoff: a continuous surface"
+    )
     return {**graph, "note": note}
 
 
@@ -291,16 +330,20 @@ def _references_source(task: AtomisticTask) -> str:
     return "given" if setting else "none"
 
 
-def package_files(checkpoint_path: Path, intended_use: str | None = None,
-                  trusted_modules: Iterable[str] | None = None) -> dict[str, bytes]:
+def package_files(
+    checkpoint_path: Path, intended_use: str | None = None, trusted_modules: Iterable[str] | None = None
+) -> dict[str, bytes]:
     """The package's files as bytes; the task is rebuilt from them first, so what is written loads."""
     checkpoint = read_checkpoint(checkpoint_path)
     description = model_description(checkpoint, trusted_modules)
     task = _with_weights(build_task(description, trusted_modules), checkpoint, checkpoint_path)
     weights_name, weights = _weights_bytes(task.state_dict())
     card = model_card(task, checkpoint, checkpoint_path, intended_use)
-    return {weights_name: weights, MODEL_FILE: (json.dumps(description, indent=1) + "\n").encode(),
-            CARD_FILE: (json.dumps(card, indent=1, ensure_ascii=False) + "\n").encode()}
+    return {
+        weights_name: weights,
+        MODEL_FILE: (json.dumps(description, indent=1) + "\n").encode(),
+        CARD_FILE: (json.dumps(card, indent=1, ensure_ascii=False) + "\n").encode(),
+    }
 
 
 def _is_package(path: Path) -> bool:
@@ -310,9 +353,16 @@ def _is_package(path: Path) -> bool:
         return MODEL_FILE in archive.namelist()
 
 
-def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, as_zip: bool | None = None,
-                   overwrite: bool = False, intended_use: str | None = None, command: list[str] | None = None,
-                   config: dict[str, Any] | None = None, trusted_modules: Iterable[str] | None = None) -> Path:
+def export_package(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    as_zip: bool | None = None,
+    overwrite: bool = False,
+    intended_use: str | None = None,
+    command: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+    trusted_modules: Iterable[str] | None = None,
+) -> Path:
     """Write the package of ``checkpoint`` to ``out`` atomically, with ``<out>.step.json`` beside it.
 
     Args:

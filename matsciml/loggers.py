@@ -42,10 +42,21 @@ class CSVLogger(LightningCSVLogger):
             from ``trainer.default_root_dir``). The other arguments are Lightning's.
     """
 
-    def __init__(self, save_dir: str | os.PathLike | None = None, name: str | None = "lightning_logs",
-                 version: int | str | None = None, prefix: str = "", flush_logs_every_n_steps: int = 100):
-        super().__init__(DEFAULT_SAVE_DIR if save_dir is None else save_dir, name=name, version=version,
-                         prefix=prefix, flush_logs_every_n_steps=flush_logs_every_n_steps)
+    def __init__(
+        self,
+        save_dir: str | os.PathLike | None = None,
+        name: str | None = "lightning_logs",
+        version: int | str | None = None,
+        prefix: str = "",
+        flush_logs_every_n_steps: int = 100,
+    ):
+        super().__init__(
+            DEFAULT_SAVE_DIR if save_dir is None else save_dir,
+            name=name,
+            version=version,
+            prefix=prefix,
+            flush_logs_every_n_steps=flush_logs_every_n_steps,
+        )
 
     @property
     def experiment(self) -> ExperimentWriter:
@@ -62,8 +73,11 @@ VERSIONED_LOGGERS = {"CSVLogger": "lightning_logs", "TensorBoardLogger": "lightn
 def versioned_logger_configs(trainer: Any) -> list[Any]:
     """The CSV and TensorBoard logger entries (``class_path``/``init_args``) of a parsed trainer config."""
     loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
-    return [logger for logger in loggers if getattr(logger, "class_path", None) is not None
-            and logger.class_path.rpartition(".")[2] in VERSIONED_LOGGERS]
+    return [
+        logger
+        for logger in loggers
+        if getattr(logger, "class_path", None) is not None and logger.class_path.rpartition(".")[2] in VERSIONED_LOGGERS
+    ]
 
 
 def resolve_save_dirs(trainer: Any) -> None:

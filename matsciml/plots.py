@@ -31,23 +31,41 @@ def subsample(size: int, limit: int | None = MAX_POINTS, seed: int = 0) -> np.nd
 
 
 def _parity_panel(axes, predicted: np.ndarray, reference: np.ndarray, mae: float, quantity: str, unit: str) -> None:
-    axes.scatter(reference, predicted, s=6 if predicted.size > 2_000 else 14, alpha=0.5, linewidths=0, color="tab:blue",
-                 label=f"MAE {mae:.4g} {unit}", rasterized=True)
+    axes.scatter(
+        reference,
+        predicted,
+        s=6 if predicted.size > 2_000 else 14,
+        alpha=0.5,
+        linewidths=0,
+        color="tab:blue",
+        label=f"MAE {mae:.4g} {unit}",
+        rasterized=True,
+    )
     both = np.concatenate([predicted, reference]) if predicted.size else np.zeros(1)
     low, high = float(both.min()), float(both.max())
     pad = 0.05 * (high - low) or 1.0
     limits = (low - pad, high + pad)
     axes.plot(limits, limits, color="black", linewidth=1, linestyle="--", label="y = x")
-    axes.set(xlim=limits, ylim=limits, xlabel=f"reference {quantity} ({unit})",
-             ylabel=f"predicted {quantity} ({unit})", aspect="equal")
+    axes.set(
+        xlim=limits,
+        ylim=limits,
+        xlabel=f"reference {quantity} ({unit})",
+        ylabel=f"predicted {quantity} ({unit})",
+        aspect="equal",
+    )
     # lower right: empty when predictions follow y = x (loc="best" is slow, and warns, on 20k points)
     axes.legend(loc="lower right", markerscale=3)
     axes.grid(alpha=0.3)
 
 
-def parity_figure(energy: tuple[np.ndarray, np.ndarray], forces: tuple[np.ndarray, np.ndarray] | None = None,
-                  mae: Mapping[str, float] | None = None, title: str | None = None,
-                  max_points: int | None = MAX_POINTS, seed: int = 0) -> tuple[Figure, dict[str, float]]:
+def parity_figure(
+    energy: tuple[np.ndarray, np.ndarray],
+    forces: tuple[np.ndarray, np.ndarray] | None = None,
+    mae: Mapping[str, float] | None = None,
+    title: str | None = None,
+    max_points: int | None = MAX_POINTS,
+    seed: int = 0,
+) -> tuple[Figure, dict[str, float]]:
     """Predicted against reference energies, and force components when given.
 
     Args:
@@ -67,8 +85,9 @@ def parity_figure(energy: tuple[np.ndarray, np.ndarray], forces: tuple[np.ndarra
     panels = [("energy", "eV", energy)] + ([("force", "eV/Å", forces)] if forces is not None else [])
     figure = Figure(figsize=(5.2 * len(panels), 5.2), layout="constrained")
     shown: dict[str, float] = {}
-    for axes, (quantity, unit, (predicted, reference)) in zip(figure.subplots(1, len(panels), squeeze=False)[0],
-                                                              panels, strict=True):
+    for axes, (quantity, unit, (predicted, reference)) in zip(
+        figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True
+    ):
         predicted, reference = np.ravel(predicted).astype(float), np.ravel(reference).astype(float)
         name = f"{quantity}_mae"
         shown[name] = float(mae[name]) if mae and name in mae else float(np.abs(predicted - reference).mean())
@@ -93,8 +112,13 @@ def epoch_table(history: pd.DataFrame) -> pd.DataFrame:
     return rows.groupby("epoch").last().reset_index()  # last() skips NaN per column
 
 
-def curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], ylabel: str,
-                  title: str | None = None, axes=None, log: bool | None = None) -> Figure:
+def curves_figure(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    ylabel: str,
+    title: str | None = None,
+    axes=None,
+    log: bool | None = None,
+) -> Figure:
     """Lines ``label: (epochs, values)`` with the final value in the legend; on ``axes`` if given.
 
     ``log``: a log y-axis; by default when every value is positive and they span over a decade.
@@ -144,25 +168,39 @@ def learning_curve_figure(history: pd.DataFrame, title: str | None = None) -> tu
         The figure and the final value of each plotted metric (as in the legends).
     """
     epochs = epoch_table(history)
-    panels = [(ylabel, {label: (epochs["epoch"], epochs[column]) for label, column in pairs
-                        if column in epochs and epochs[column].notna().any()})
-              for ylabel, pairs in _LEARNING_PANELS]
+    panels = [
+        (
+            ylabel,
+            {
+                label: (epochs["epoch"], epochs[column])
+                for label, column in pairs
+                if column in epochs and epochs[column].notna().any()
+            },
+        )
+        for ylabel, pairs in _LEARNING_PANELS
+    ]
     panels = [(ylabel, curves) for ylabel, curves in panels if curves]
     if not panels:
-        raise ValueError("the metric history holds none of " +
-                         ", ".join(c for _, pairs in _LEARNING_PANELS for _, c in pairs))
+        raise ValueError(
+            "the metric history holds none of " + ", ".join(c for _, pairs in _LEARNING_PANELS for _, c in pairs)
+        )
     figure = Figure(figsize=(4.8 * len(panels), 4.2), layout="constrained")
     for axes, (ylabel, curves) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         curves_figure(curves, ylabel, axes=axes)
     if title:
         figure.suptitle(title)
-    final = {column: float(epochs[column].dropna().iloc[-1]) for _, pairs in _LEARNING_PANELS
-             for _, column in pairs if column in epochs and epochs[column].notna().any()}
+    final = {
+        column: float(epochs[column].dropna().iloc[-1])
+        for _, pairs in _LEARNING_PANELS
+        for _, column in pairs
+        if column in epochs and epochs[column].notna().any()
+    }
     return figure, final
 
 
-def save_png(figure: Figure, path: str | os.PathLike, numbers: Mapping[str, float] | None = None,
-             dpi: int = 120) -> Path:
+def save_png(
+    figure: Figure, path: str | os.PathLike, numbers: Mapping[str, float] | None = None, dpi: int = 120
+) -> Path:
     """Write ``figure`` to ``path`` atomically (a temporary name, then a rename).
 
     ``numbers`` (e.g. the MAEs in the legend) go into the PNG's ``matsciml`` text chunk as JSON,
@@ -204,6 +242,10 @@ def runs_figure(histories: Mapping[str, pd.DataFrame], metrics: Sequence[str]) -
     for axes, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics, strict=True):
         curves = {name: (t["epoch"], t[metric]) for name, t in tables.items() if metric in t}
         curves_figure(curves, metric, axes=axes)
-    final = {f"{name} {metric}": float(t[metric].dropna().iloc[-1]) for metric in metrics
-             for name, t in tables.items() if metric in t and t[metric].notna().any()}
+    final = {
+        f"{name} {metric}": float(t[metric].dropna().iloc[-1])
+        for metric in metrics
+        for name, t in tables.items()
+        if metric in t and t[metric].notna().any()
+    }
     return figure, final

@@ -33,8 +33,7 @@ RECORD_NAME = "step.json"
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "step_record.schema.json"
 RUNNING, COMPLETED, FAILED, INTERRUPTED = "RUNNING", "COMPLETED", "FAILED", "INTERRUPTED"
 #: packages whose versions a record names, when installed
-PACKAGES = ("matsciml", "torch", "lightning", "numpy", "jsonargparse", "vesin", "ase", "lmdb", "dgl",
-            "torch_geometric")
+PACKAGES = ("matsciml", "torch", "lightning", "numpy", "jsonargparse", "vesin", "ase", "lmdb", "dgl", "torch_geometric")
 
 
 class DirtyCheckoutError(RuntimeError):
@@ -47,8 +46,10 @@ def require_clean_checkout() -> None:
     if state is None:
         raise DirtyCheckoutError("--require_clean: matsciml is not running from a git checkout")
     if state["dirty"]:
-        raise DirtyCheckoutError(f"--require_clean: {state['root']} has uncommitted changes; commit or stash "
-                                 "them so the run's record names the code it ran")
+        raise DirtyCheckoutError(
+            f"--require_clean: {state['root']} has uncommitted changes; commit or stash "
+            "them so the run's record names the code it ran"
+        )
 
 
 def now() -> str:
@@ -108,13 +109,21 @@ def environment(world_size: int = 1) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             continue
     env: dict[str, Any] = {
-        "python": platform.python_version(), "platform": platform.platform(), "hostname": socket.gethostname(),
-        "packages": packages, "devices": _devices(), "world_size": world_size, "slurm": None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "packages": packages,
+        "devices": _devices(),
+        "world_size": world_size,
+        "slurm": None,
     }
     if "SLURM_JOB_ID" in os.environ:
-        env["slurm"] = {"job_id": os.environ["SLURM_JOB_ID"], "ntasks": _int(os.environ.get("SLURM_NTASKS")),
-                        "nodes": _int(os.environ.get("SLURM_NNODES")),
-                        "array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}
+        env["slurm"] = {
+            "job_id": os.environ["SLURM_JOB_ID"],
+            "ntasks": _int(os.environ.get("SLURM_NTASKS")),
+            "nodes": _int(os.environ.get("SLURM_NNODES")),
+            "array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        }
     return env
 
 
@@ -145,16 +154,35 @@ class StepRecord:
             dataset keep theirs beside it, as ``<dataset>.step.json`` (see :func:`dataset_record`).
     """
 
-    def __init__(self, directory: str | os.PathLike, step: str, command: list[str] | None = None,
-                 config: dict[str, Any] | None = None, run_id: str | None = None, world_size: int = 1,
-                 name: str = RECORD_NAME):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        step: str,
+        command: list[str] | None = None,
+        config: dict[str, Any] | None = None,
+        run_id: str | None = None,
+        world_size: int = 1,
+        name: str = RECORD_NAME,
+    ):
         self.directory, self.name = Path(directory), name
         self.data: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION, "run_id": run_id or uuid.uuid4().hex, "step": step,
-            "command": list(sys.argv if command is None else command), "cwd": os.getcwd(),
-            "status": RUNNING, "error": None, "started_at": now(), "ended_at": None, "duration_s": None,
-            "config": config or {}, "inputs": [], "outputs": [], "metrics": {"final": {}, "best": {}},
-            "code": code_version(), "environment": environment(world_size), "links": {},
+            "schema_version": SCHEMA_VERSION,
+            "run_id": run_id or uuid.uuid4().hex,
+            "step": step,
+            "command": list(sys.argv if command is None else command),
+            "cwd": os.getcwd(),
+            "status": RUNNING,
+            "error": None,
+            "started_at": now(),
+            "ended_at": None,
+            "duration_s": None,
+            "config": config or {},
+            "inputs": [],
+            "outputs": [],
+            "metrics": {"final": {}, "best": {}},
+            "code": code_version(),
+            "environment": environment(world_size),
+            "links": {},
         }
 
     @property
@@ -198,21 +226,24 @@ class StepRecord:
         started = dt.datetime.fromisoformat(self.data["started_at"])
         self.data["duration_s"] = (dt.datetime.fromisoformat(self.data["ended_at"]) - started).total_seconds()
         if error is not None:
-            self.data["error"] = {"type": type(error).__name__, "message": str(error),
-                                  "traceback": "".join(traceback.format_exception(error))[-8000:]}
+            self.data["error"] = {
+                "type": type(error).__name__,
+                "message": str(error),
+                "traceback": "".join(traceback.format_exception(error))[-8000:],
+            }
         self.save()
 
 
-def dataset_record(destination: str | os.PathLike, step: str, command: list[str], config: dict[str, Any]
-                   ) -> StepRecord:
+def dataset_record(destination: str | os.PathLike, step: str, command: list[str], config: dict[str, Any]) -> StepRecord:
     """The record of a step writing the dataset ``destination``: ``<destination>.step.json`` beside it.
 
     Beside, not inside: the dataset appears only when complete (an atomic rename), while the
     record must exist from the start; and the dataset's own bytes stay those of its records.
     """
     destination = Path(destination)
-    return StepRecord(destination.parent, step, command=command, config=config,
-                      name=f"{destination.name}.{RECORD_NAME}")
+    return StepRecord(
+        destination.parent, step, command=command, config=config, name=f"{destination.name}.{RECORD_NAME}"
+    )
 
 
 @contextmanager

@@ -25,8 +25,21 @@ import pandas as pd
 from matsciml.provenance import RECORD_NAME, load_record
 
 #: columns every row has, in display order (metrics follow)
-COLUMNS = ["run", "step", "status", "task", "model", "seed", "started_at", "duration_s", "world_size", "commit",
-           "dirty", "run_id", "path"]
+COLUMNS = [
+    "run",
+    "step",
+    "status",
+    "task",
+    "model",
+    "seed",
+    "started_at",
+    "duration_s",
+    "world_size",
+    "commit",
+    "dirty",
+    "run_id",
+    "path",
+]
 
 
 def find_runs(paths: Iterable[str | os.PathLike] = ("runs",)) -> list[Path]:
@@ -63,19 +76,25 @@ def summarize(record: dict[str, Any], record_file: Path) -> dict[str, Any]:
     model = (task.get("init_args") or {}).get("model") or {}
     git = (record.get("code") or {}).get("git") or {}
     row = {
-        "run": _run_name(record_file), "step": record["step"], "status": record["status"],
+        "run": _run_name(record_file),
+        "step": record["step"],
+        "status": record["status"],
         "task": _short(task.get("class_path")),
-        "model": _short(model.get("class_path")), "seed": config.get("seed_everything"),
-        "started_at": record["started_at"], "duration_s": record["duration_s"],
-        "world_size": record["environment"].get("world_size"), "commit": (git.get("commit") or "")[:12] or None,
-        "dirty": git.get("dirty"), "run_id": record["run_id"], "path": str(record_file),
+        "model": _short(model.get("class_path")),
+        "seed": config.get("seed_everything"),
+        "started_at": record["started_at"],
+        "duration_s": record["duration_s"],
+        "world_size": record["environment"].get("world_size"),
+        "commit": (git.get("commit") or "")[:12] or None,
+        "dirty": git.get("dirty"),
+        "run_id": record["run_id"],
+        "path": str(record_file),
     }
     row.update(record["metrics"]["final"])
     return row
 
 
-def load(paths: Iterable[str | os.PathLike] | str | os.PathLike = ("runs",), where: str | None = None
-         ) -> pd.DataFrame:
+def load(paths: Iterable[str | os.PathLike] | str | os.PathLike = ("runs",), where: str | None = None) -> pd.DataFrame:
     """Runs under ``paths`` as a DataFrame, optionally filtered.
 
     ``where`` is a filter over the columns in pandas-query syntax, e.g.
@@ -98,8 +117,14 @@ def load(paths: Iterable[str | os.PathLike] | str | os.PathLike = ("runs",), whe
     return frame.reset_index(drop=True)
 
 
-_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
-            ast.Gt: operator.gt, ast.GtE: operator.ge}
+_COMPARE = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+}
 
 
 def where_mask(frame: pd.DataFrame, where: str) -> pd.Series:
@@ -130,8 +155,10 @@ def where_mask(frame: pd.DataFrame, where: str) -> pd.Series:
         try:  # literals: numbers, strings, True/False/None, lists and tuples of them, -1
             return ast.literal_eval(node)
         except ValueError:
-            raise ValueError(f"--where {where!r}: {ast.unparse(node)!r} is not allowed; use comparisons, "
-                             "and/or/not, column names and literals only") from None
+            raise ValueError(
+                f"--where {where!r}: {ast.unparse(node)!r} is not allowed; use comparisons, "
+                "and/or/not, column names and literals only"
+            ) from None
 
     def mask(node: ast.AST) -> pd.Series:
         if isinstance(node, ast.BoolOp):
@@ -142,8 +169,9 @@ def where_mask(frame: pd.DataFrame, where: str) -> pd.Series:
                 result = combine(result, part)
             return result
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd | ast.BitOr):
-            return (operator.and_ if isinstance(node.op, ast.BitAnd) else operator.or_)(mask(node.left),
-                                                                                          mask(node.right))
+            return (operator.and_ if isinstance(node.op, ast.BitAnd) else operator.or_)(
+                mask(node.left), mask(node.right)
+            )
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not | ast.Invert):
             return ~mask(node.operand)
         if isinstance(node, ast.Compare):
@@ -161,8 +189,10 @@ def where_mask(frame: pd.DataFrame, where: str) -> pd.Series:
                     raise ValueError(f"--where {where!r}: the comparison {type(op).__name__} is not allowed")
                 left = right
             return result.astype(bool)
-        raise ValueError(f"--where {where!r}: {ast.unparse(node)!r} is not allowed; use comparisons, "
-                         "and/or/not, column names and literals only")
+        raise ValueError(
+            f"--where {where!r}: {ast.unparse(node)!r} is not allowed; use comparisons, "
+            "and/or/not, column names and literals only"
+        )
 
     return mask(tree.body)
 
@@ -203,8 +233,10 @@ def with_plus_minus(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     shown = table.drop(columns=[c for m in metrics for c in (f"{m} mean", f"{m} std", f"{m} count")])
     for metric in metrics:
         mean, std, count = table[f"{metric} mean"], table[f"{metric} std"], table[f"{metric} count"]
-        shown[metric] = [f"{m:.4g} ± {s:.2g} (n={n})" if n > 1 else f"{m:.4g} (n={n})"
-                         for m, s, n in zip(mean, std.fillna(0.0), count, strict=True)]
+        shown[metric] = [
+            f"{m:.4g} ± {s:.2g} (n={n})" if n > 1 else f"{m:.4g} (n={n})"
+            for m, s, n in zip(mean, std.fillna(0.0), count, strict=True)
+        ]
     return shown
 
 
@@ -225,9 +257,11 @@ def _pinned_command(record: dict[str, Any], run_dir: Path, cwd: Path) -> list[st
     """The recorded command, told to write into the same run directory again."""
     command = list(record["command"])
     if record["step"] in _LIGHTNING_STEPS:
-        pins = {"--trainer.logger.init_args.save_dir": _relative(str(run_dir.parent.parent), cwd),
-                "--trainer.logger.init_args.name": run_dir.parent.name,
-                "--trainer.logger.init_args.version": run_dir.name}
+        pins = {
+            "--trainer.logger.init_args.save_dir": _relative(str(run_dir.parent.parent), cwd),
+            "--trainer.logger.init_args.name": run_dir.parent.name,
+            "--trainer.logger.init_args.version": run_dir.name,
+        }
         if record["step"] == "fit":  # a reproduction starts afresh in its folder
             pins["--overwrite"] = "true"
         command = [arg for arg in command if arg.partition("=")[0] not in pins] + [f"{k}={v}" for k, v in pins.items()]
@@ -255,10 +289,10 @@ def dvc_stage(record_file: str | os.PathLike) -> dict[str, Any]:
     if record["step"] in _LIGHTNING_STEPS:
         run_dir = record_file.parent
         outs = [o for o in record["outputs"] if o["kind"] in ("predictions",)]
-        stage["outs"] = ([_relative(str(run_dir / "checkpoints"), cwd)] if record["step"] == "fit" else []) + \
-            [_relative(o["path"], cwd) for o in outs]
+        stage["outs"] = ([_relative(str(run_dir / "checkpoints"), cwd)] if record["step"] == "fit" else []) + [
+            _relative(o["path"], cwd) for o in outs
+        ]
         stage["metrics"] = [{_relative(str(run_dir / "metrics.json"), cwd): {"cache": False}}]
     else:
         stage["outs"] = [_relative(o["path"], cwd) for o in record["outputs"]]
     return stage
-

@@ -51,8 +51,13 @@ def _logger_links(trainer: pl.Trainer, run_id: str) -> dict[str, Any]:
         if kind == "WandbLogger":
             run = logger.experiment  # creates the W&B run (offline with WANDB_MODE=offline)
             run.config.update({"matsciml_run_id": run_id}, allow_val_change=True)
-            links["wandb"] = {"id": run.id, "project": run.project, "name": run.name, "dir": run.dir,
-                              "url": getattr(run, "url", None)}
+            links["wandb"] = {
+                "id": run.id,
+                "project": run.project,
+                "name": run.name,
+                "dir": run.dir,
+                "url": getattr(run, "url", None),
+            }
         elif kind in ("TensorBoardLogger", "CSVLogger"):
             links[kind.removesuffix("Logger").lower()] = {"log_dir": str(Path(logger.log_dir).resolve())}
     return links
@@ -68,8 +73,13 @@ class StepRecorder(pl.Callback):
         run_id: a stable run identity (e.g. the SLURM job's), else a random one.
     """
 
-    def __init__(self, step: str, config: dict[str, Any] | None = None, command: list[str] | None = None,
-                 run_id: str | None = None):
+    def __init__(
+        self,
+        step: str,
+        config: dict[str, Any] | None = None,
+        command: list[str] | None = None,
+        run_id: str | None = None,
+    ):
         self.step, self.config, self.command, self.run_id = step, config or {}, command, run_id
         self.record: StepRecord | None = None
         self.history: list[dict[str, float]] = []  # validation metrics per epoch, for the best values
@@ -79,8 +89,14 @@ class StepRecorder(pl.Callback):
         directory = _run_directory(trainer)  # collective under DDP: every rank asks
         if not trainer.is_global_zero or self.record is not None:
             return
-        record = StepRecord(directory, self.step, command=self.command, config=self.config, run_id=self.run_id,
-                            world_size=trainer.world_size)
+        record = StepRecord(
+            directory,
+            self.step,
+            command=self.command,
+            config=self.config,
+            run_id=self.run_id,
+            world_size=trainer.world_size,
+        )
         datamodule = trainer.datamodule
         for split, path in (getattr(datamodule, "paths", None) or {}).items():
             if path is not None:
@@ -156,9 +172,11 @@ class StepRecorder(pl.Callback):
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and getattr(checkpoint, "best_model_path", ""):
             score = checkpoint.best_model_score
-            best["checkpoint"] = {"path": str(Path(checkpoint.best_model_path).resolve()),
-                                  "monitor": checkpoint.monitor,
-                                  "score": None if score is None else _number(score)}
+            best["checkpoint"] = {
+                "path": str(Path(checkpoint.best_model_path).resolve()),
+                "monitor": checkpoint.monitor,
+                "score": None if score is None else _number(score),
+            }
         return best
 
     @staticmethod

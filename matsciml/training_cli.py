@@ -65,10 +65,19 @@ class MatSciMLCLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.statistics", compute_fn=_statistics, apply_on="instantiate")
         parser.add_lightning_class_args(MetricsReport, "metrics_report")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
-        parser.add_argument("--require_clean", "--require-clean", type=bool, default=False,
-                            help="refuse to start from a git checkout with uncommitted changes")
-        parser.add_argument("--overwrite", type=bool, default=False,
-                            help="fit: delete the run folder first if the logger's version names an existing one")
+        parser.add_argument(
+            "--require_clean",
+            "--require-clean",
+            type=bool,
+            default=False,
+            help="refuse to start from a git checkout with uncommitted changes",
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: delete the run folder first if the logger's version names an existing one",
+        )
 
     def _parse_ckpt_path(self) -> None:
         # Lightning parses the checkpoint's hyper-parameters with jsonargparse, which imports every
@@ -92,8 +101,12 @@ class MatSciMLCLI(LightningCLI):
             self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
         if self.subcommand is not None:
             resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
-            self.recorder = StepRecorder(self.subcommand, config=resolved, command=["matsciml", *sys.argv[1:]],
-                                         run_id=f"slurm-{job}" if job is not None else None)
+            self.recorder = StepRecorder(
+                self.subcommand,
+                config=resolved,
+                command=["matsciml", *sys.argv[1:]],
+                run_id=f"slurm-{job}" if job is not None else None,
+            )
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -138,8 +151,13 @@ def run(argv: list[str], extra_callbacks: list | None = None) -> None:
     sys.argv = [program, *argv]
     try:
         MatSciMLCLI(
-            AtomisticTask, AtomisticDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            trainer_defaults=trainer_defaults, auto_configure_optimizers=True, extra_callbacks=extra_callbacks,
+            AtomisticTask,
+            AtomisticDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults=trainer_defaults,
+            auto_configure_optimizers=True,
+            extra_callbacks=extra_callbacks,
         )
     finally:
         sys.argv = saved

@@ -85,8 +85,12 @@ def test_cli_writes_extxyz_and_a_record(checkpoint, structures, tmp_path, capsys
 
     write(tmp_path / "in.extxyz", structures[:5])
     out = tmp_path / "out.extxyz"
-    assert main(["predict-structures", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(out),
-                 "--batch-size", "2"]) == 0
+    assert (
+        main(
+            ["predict-structures", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(out), "--batch-size", "2"]
+        )
+        == 0
+    )
     assert "wrote 5 structures" in capsys.readouterr().out
     written = read(out, index=":")
     assert len(written) == 5 and all(np.isfinite(a.get_forces()).all() for a in written)

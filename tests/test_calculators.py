@@ -131,8 +131,15 @@ def test_md_conserves_energy_and_never_returns_nan(checkpoint):
     drift = (max(total) - min(total)) / len(atoms)
     assert np.isfinite(total).all() and drift < 2e-3, drift
     # Langevin (NVT), 100 steps: no NaN, temperature stays physical
-    langevin = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=300, friction=0.02,
-                        fixcm=False, rng=np.random.default_rng(0), logfile=None)
+    langevin = Langevin(
+        atoms,
+        timestep=1.0 * units.fs,
+        temperature_K=300,
+        friction=0.02,
+        fixcm=False,
+        rng=np.random.default_rng(0),
+        logfile=None,
+    )
     langevin.run(100)
     assert np.isfinite(atoms.get_positions()).all() and np.isfinite(atoms.get_forces()).all()
     assert 0 < atoms.get_temperature() < 3000
@@ -143,8 +150,7 @@ def test_refuses_foreign_checkpoints(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, path)
     with pytest.raises(ValueError, match="is not a matsciml checkpoint"):
         load_task(path)
-    torch.save({"state_dict": {}, "hyper_parameters": {"model": {"class_path": "x"}, "_class_path": "os.system"}},
-               path)
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": {"class_path": "x"}, "_class_path": "os.system"}}, path)
     with pytest.raises(ValueError, match="task class 'os.system' is in module 'os', which is not trusted"):
         load_task(path)
 
@@ -227,8 +233,9 @@ def test_exported_packages_carry_the_graph_in_model_json_and_card(capped_checkpo
     with pytest.warns(UserWarning, match="12 nearest"):
         from_package = _energy(MatSciMLCalculator.from_package(out), atoms)
     with pytest.warns(UserWarning, match="12 nearest"):
-        assert from_package == pytest.approx(_energy(MatSciMLCalculator.from_checkpoint(capped_checkpoint), atoms),
-                                             abs=1e-6)
+        assert from_package == pytest.approx(
+            _energy(MatSciMLCalculator.from_checkpoint(capped_checkpoint), atoms), abs=1e-6
+        )
 
 
 def test_training_on_other_graphs_than_recorded_is_refused():

@@ -12,9 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DEVSET = sorted((ROOT / "configs" / "devset").glob("*.yaml"))
 TEMPLATES = sorted((ROOT / "configs" / "oc20").glob("*.yaml"))
 TRAINERS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
-QUICK = ["--trainer.max_epochs=1", "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0",
-         "--data.init_args.batch_size=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+QUICK = [
+    "--trainer.max_epochs=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.num_sanity_val_steps=0",
+    "--data.init_args.batch_size=2",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 def ids(paths):
@@ -40,12 +47,37 @@ def test_devset_config_trains_through_the_cli(path, tmp_path, monkeypatch, capsy
     last = list(tmp_path.rglob("last.ckpt"))
     assert len(last) == 1
     # the checkpoint validates and predicts through the CLI as well
-    assert main(["validate", "--config", str(path), f"--ckpt_path={last[0]}", "--trainer.limit_val_batches=1",
-                 "--trainer.enable_progress_bar=false", logs]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "--config",
+                str(path),
+                f"--ckpt_path={last[0]}",
+                "--trainer.limit_val_batches=1",
+                "--trainer.enable_progress_bar=false",
+                logs,
+            ]
+        )
+        == 0
+    )
     output = tmp_path / "predictions.npz"
-    assert main(["predict", "--config", str(path), f"--ckpt_path={last[0]}", "--trainer.limit_predict_batches=2",
-                 "--data.init_args.batch_size=2", "--trainer.enable_progress_bar=false", logs,
-                 f"--prediction_writer.path={output}"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--config",
+                str(path),
+                f"--ckpt_path={last[0]}",
+                "--trainer.limit_predict_batches=2",
+                "--data.init_args.batch_size=2",
+                "--trainer.enable_progress_bar=false",
+                logs,
+                f"--prediction_writer.path={output}",
+            ]
+        )
+        == 0
+    )
     with np.load(output) as predictions:
         assert predictions["energy"].shape == (4,) and predictions["sid"].shape == (4,)
         if "s2ef" in path.stem:

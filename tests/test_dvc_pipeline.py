@@ -29,11 +29,11 @@ def sh(cwd: Path, *command: str) -> str:
 
 def fit_config(lr: float) -> dict:
     config = yaml.safe_load((ROOT / "configs/devset/s2ef-egnn.yaml").read_text())
-    config["trainer"].update(max_epochs=2, log_every_n_steps=1, enable_progress_bar=False,
-                             enable_model_summary=False)
+    config["trainer"].update(max_epochs=2, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False)
     config["model"]["init_args"]["lr"] = lr
-    config["data"]["init_args"].update(train_path="data/train", val_path="data/train", test_path=None,
-                                       predict_path=None)
+    config["data"]["init_args"].update(
+        train_path="data/train", val_path="data/train", test_path=None, predict_path=None
+    )
     return config
 
 

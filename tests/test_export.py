@@ -19,9 +19,16 @@ from matsciml.tasks import S2EFTask
 from matsciml.trust import UntrustedClassError
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--config", "configs/devset/s2ef-egnn.yaml", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-         "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-         "--trainer.enable_model_summary=false"]
+QUICK = [
+    "--config",
+    "configs/devset/s2ef-egnn.yaml",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 # the fresh process: load the package through the public name, predict on the saved batch, save the result;
 # with this process's thread count, as parallel reductions (force sums) change their last bits with it
 PREDICT = """
@@ -65,8 +72,7 @@ def export(checkpoint, out, *extra):
 def predict_in_fresh_process(package, batch_path, tmp_path):
     result = tmp_path / "prediction.pt"
     args = [str(package), str(batch_path), str(result), str(torch.get_num_threads())]
-    done = subprocess.run([sys.executable, "-c", PREDICT, *args],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", PREDICT, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(result, weights_only=True)
 

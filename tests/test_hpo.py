@@ -22,11 +22,19 @@ optuna = pytest.importorskip("optuna")
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (the test extra has it)")
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "configs/devset/is2re-egnn.yaml"
-QUICK = {"trainer.max_epochs": 2, "trainer.limit_train_batches": 2, "trainer.limit_val_batches": 2,
-         "trainer.log_every_n_steps": 1, "trainer.enable_progress_bar": False,
-         "trainer.enable_model_summary": False, "data.init_args.batch_size": 4}
-PARAMETERS = {"model.init_args.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
-              "model.init_args.model.init_args.hidden": {"type": "int", "low": 8, "high": 16}}
+QUICK = {
+    "trainer.max_epochs": 2,
+    "trainer.limit_train_batches": 2,
+    "trainer.limit_val_batches": 2,
+    "trainer.log_every_n_steps": 1,
+    "trainer.enable_progress_bar": False,
+    "trainer.enable_model_summary": False,
+    "data.init_args.batch_size": 4,
+}
+PARAMETERS = {
+    "model.init_args.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
+    "model.init_args.model.init_args.hidden": {"type": "int", "low": 8, "high": 16},
+}
 
 
 def write_space(folder: Path, name: str = "space", **extra) -> Path:
@@ -37,8 +45,18 @@ def write_space(folder: Path, name: str = "space", **extra) -> Path:
 
 
 def hpo(space: Path, study_dir: Path, trials: int, *extra: str) -> list[str]:
-    return ["hpo", "--config", BASE, "--space", str(space), "--trials", str(trials), "--study-dir", str(study_dir),
-            *extra]
+    return [
+        "hpo",
+        "--config",
+        BASE,
+        "--space",
+        str(space),
+        "--trials",
+        str(trials),
+        "--study-dir",
+        str(study_dir),
+        *extra,
+    ]
 
 
 def load_study(study_dir: Path, name: str = "space") -> optuna.Study:
@@ -73,9 +91,14 @@ def test_every_trial_is_a_recorded_fit(study_dir):
         assert record["metrics"]["best"]["val/energy_mae"]["value"] == trial.value
         assert record["config"]["model"]["init_args"]["lr"] == pytest.approx(trial.params["model.init_args.lr"])
         assert record["config"]["trainer"]["max_epochs"] == 2  # the space's fixed overrides
-        assert record["links"]["optuna"] == {"study": "space", "storage": f"sqlite:///{study_dir.resolve()}/study.db",
-                                             "trial": trial.number, "params": trial.params, "state": "COMPLETE",
-                                             "value": trial.value}
+        assert record["links"]["optuna"] == {
+            "study": "space",
+            "storage": f"sqlite:///{study_dir.resolve()}/study.db",
+            "trial": trial.number,
+            "params": trial.params,
+            "state": "COMPLETE",
+            "value": trial.value,
+        }
 
 
 def test_study_record_points_at_the_best_trial(study_dir, capsys):
@@ -113,8 +136,10 @@ def test_rerunning_resumes_the_study(study_dir, monkeypatch, capsys):
 
 def test_two_workers_share_one_study(tmp_path):
     command = [sys.executable, "-m", "matsciml", *hpo(write_space(tmp_path), tmp_path / "study", 4)]
-    workers = [subprocess.Popen(command, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(command, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outputs = [worker.communicate(timeout=240)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     trials = load_study(tmp_path / "study").get_trials()
@@ -124,8 +149,12 @@ def test_two_workers_share_one_study(tmp_path):
     for trial in trials:
         assert load_record(trial.user_attrs["run_dir"])["links"]["optuna"]["trial"] == trial.number
     # and the two workers did run at the same time
-    assert any(a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
-               for a in trials for b in trials if a.number < b.number)
+    assert any(
+        a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+        for a in trials
+        for b in trials
+        if a.number < b.number
+    )
     record = valid_record(tmp_path / "study" / "step.json")
     assert record["status"] == "COMPLETED"
 
@@ -173,18 +202,28 @@ def test_failing_trials(tmp_path, monkeypatch, capsys):
     assert "logged no metric 'val/energy_mea'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("change", "key"), [
-    ({"parameters": {}}, "parameters"),
-    ({"parameters": {"model.init_args.lr": {"type": "float", "low": 1.0, "high": 0.1}}}, "model.init_args.lr.low"),
-    ({"parameters": {"model.init_args.lr": {"type": "uniform", "low": 0.1, "high": 1.0}}}, "model.init_args.lr.type"),
-    ({"parameters": {"model.init_args.lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}},
-     "model.init_args.lr.low"),
-    ({"parameters": {"data.init_args.batch_size": {"type": "categorical", "choices": []}}},
-     "data.init_args.batch_size.choices"),
-    ({"direction": "down"}, "direction"),
-    ({"pruner": {"type": "sometimes"}}, "pruner.type"),
-    ({"budget": 3}, "budget"),
-])
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"parameters": {}}, "parameters"),
+        ({"parameters": {"model.init_args.lr": {"type": "float", "low": 1.0, "high": 0.1}}}, "model.init_args.lr.low"),
+        (
+            {"parameters": {"model.init_args.lr": {"type": "uniform", "low": 0.1, "high": 1.0}}},
+            "model.init_args.lr.type",
+        ),
+        (
+            {"parameters": {"model.init_args.lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}},
+            "model.init_args.lr.low",
+        ),
+        (
+            {"parameters": {"data.init_args.batch_size": {"type": "categorical", "choices": []}}},
+            "data.init_args.batch_size.choices",
+        ),
+        ({"direction": "down"}, "direction"),
+        ({"pruner": {"type": "sometimes"}}, "pruner.type"),
+        ({"budget": 3}, "budget"),
+    ],
+)
 def test_bad_space_names_file_and_key(tmp_path, capsys, change, key):
     space = write_space(tmp_path, **change)
     with pytest.raises(SpaceError, match=key.replace(".", r"\.")):

@@ -11,9 +11,15 @@ from matsciml import runs
 from matsciml.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
-         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-         "--data.init_args.batch_size=4"]
+QUICK = [
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.init_args.batch_size=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +29,25 @@ def run_folder(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)
         for model, seed in (("egnn", 0), ("egnn", 1), ("megnet", 0)):
-            assert main(["fit", "--config", f"configs/devset/is2re-{model}.yaml", *QUICK, f"--seed_everything={seed}",
-                         f"--trainer.logger.init_args.save_dir={folder}"]) == 0
+            assert (
+                main(
+                    [
+                        "fit",
+                        "--config",
+                        f"configs/devset/is2re-{model}.yaml",
+                        *QUICK,
+                        f"--seed_everything={seed}",
+                        f"--trainer.logger.init_args.save_dir={folder}",
+                    ]
+                )
+                == 0
+            )
     return folder
 
 
 def test_load_gives_one_row_per_run(run_folder):
     frame = runs.load(run_folder)
-    assert len(frame) == 3 and list(frame.columns[:len(runs.COLUMNS)]) == runs.COLUMNS
+    assert len(frame) == 3 and list(frame.columns[: len(runs.COLUMNS)]) == runs.COLUMNS
     assert sorted(zip(frame["model"], frame["seed"], strict=True)) == [("EGNN", 0), ("EGNN", 1), ("MegNet", 0)]
     assert set(frame["status"]) == {"COMPLETED"} and set(frame["task"]) == {"IS2RETask"}
     assert (frame["val/energy_mae"] > 0).all()
@@ -77,11 +94,20 @@ def test_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert "no such run directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["@os.system('touch x') == 0", "model.str.len() > 0", "__import__('os') == 1",
-                                   "seed == seed.__class__", "status == 'COMPLETED' or (lambda: 1)() == 1"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "@os.system('touch x') == 0",
+        "model.str.len() > 0",
+        "__import__('os') == 1",
+        "seed == seed.__class__",
+        "status == 'COMPLETED' or (lambda: 1)() == 1",
+    ],
+)
 def test_where_accepts_only_comparisons_names_and_literals(where):
-    frame = pd.DataFrame({"status": ["COMPLETED", "FAILED"], "model": ["EGNN", "Gala"], "seed": [0, 1],
-                          "val/energy_mae": [0.1, 0.3]})
+    frame = pd.DataFrame(
+        {"status": ["COMPLETED", "FAILED"], "model": ["EGNN", "Gala"], "seed": [0, 1], "val/energy_mae": [0.1, 0.3]}
+    )
     with pytest.raises(ValueError, match="--where"):
         runs.where_mask(frame, where)
     assert not Path("x").exists()

@@ -17,9 +17,16 @@ from matsciml.provenance import StepRecord, load_record, load_schema, sha256_fil
 # the legacy DGL environment (make test-dgl) collects every module but lacks the test extra
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (the test extra has it)")
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--config", "configs/devset/is2re-egnn.yaml", "--trainer.max_epochs=2", "--trainer.limit_train_batches=3",
-         "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-         "--trainer.enable_model_summary=false"]
+QUICK = [
+    "--config",
+    "configs/devset/is2re-egnn.yaml",
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 def validate(record: dict) -> None:
@@ -37,9 +44,20 @@ def only_record(save_dir: Path) -> dict:
 def cli(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     """``matsciml fit`` in its own process (Ctrl-C and failures end it), helpers importable."""
     env = base_env(PYTHONPATH=str(ROOT / "tests"))
-    return subprocess.run([str(Path(sys.executable).with_name("matsciml")), "fit", *QUICK,
-                           f"--trainer.logger.init_args.save_dir={tmp_path}", *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [
+            str(Path(sys.executable).with_name("matsciml")),
+            "fit",
+            *QUICK,
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_fit_leaves_a_complete_record(tmp_path, monkeypatch):
@@ -82,8 +100,10 @@ def test_failed_run_says_why(tmp_path):
 
 
 def test_ctrl_c_marks_the_run_interrupted(tmp_path):
-    sigint = {"class_path": "helpers.interrupts.SignalAtStep",
-              "init_args": {"step": 2, "marker": str(tmp_path / "sent"), "signal": "SIGINT"}}
+    sigint = {
+        "class_path": "helpers.interrupts.SignalAtStep",
+        "init_args": {"step": 2, "marker": str(tmp_path / "sent"), "signal": "SIGINT"},
+    }
     done = cli(tmp_path / "runs", f"--trainer.callbacks+={json.dumps(sigint)}")
     assert done.returncode == 1, done.stderr[-2000:]  # Lightning's graceful shutdown
     record = only_record(tmp_path / "runs")
@@ -168,9 +188,20 @@ def test_predict_records_its_checkpoint_and_predictions(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["fit", *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path / 'fit'}"]) == 0
     checkpoint = next((tmp_path / "fit").rglob("last.ckpt"))
-    assert main(["predict", "--config", "configs/devset/is2re-egnn.yaml", f"--ckpt_path={checkpoint}",
-                 "--trainer.limit_predict_batches=2", "--trainer.enable_progress_bar=false",
-                 f"--trainer.logger.init_args.save_dir={tmp_path / 'predict'}"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--config",
+                "configs/devset/is2re-egnn.yaml",
+                f"--ckpt_path={checkpoint}",
+                "--trainer.limit_predict_batches=2",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'predict'}",
+            ]
+        )
+        == 0
+    )
     record = only_record(tmp_path / "predict")
     assert record["step"] == "predict" and record["status"] == "COMPLETED"
     inputs = {i["role"]: i for i in record["inputs"]}

@@ -87,8 +87,9 @@ class Batch(Mapping):
         return 0 if edges is None else int(edges.shape[1])
 
     # -- devices and dtypes -------------------------------------------------------------
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-           non_blocking: bool = False) -> Batch:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, non_blocking: bool = False
+    ) -> Batch:
         """Move every tensor to ``device``; cast floating fields to ``dtype`` if given."""
         moved = {}
         for name, value in self._data.items():
@@ -113,8 +114,10 @@ class Batch(Mapping):
         return self._data[K.POSITIONS].device
 
     def __repr__(self) -> str:
-        lines = [f"Batch(num_structures={self.num_structures}, num_atoms={self.num_atoms}, "
-                 f"num_edges={self.num_edges}, device={self.device})"]
+        lines = [
+            f"Batch(num_structures={self.num_structures}, num_atoms={self.num_atoms}, "
+            f"num_edges={self.num_edges}, device={self.device})"
+        ]
         for name, value in self._data.items():
             field = K.FIELDS[name]
             dtype = str(value.dtype).removeprefix("torch.")
@@ -170,8 +173,10 @@ def collate(records: Sequence[Mapping[str, np.ndarray]]) -> Batch:
     for position, record in enumerate(records[1:], start=1):
         if set(record) != present:
             odd = sorted(set(record) ^ present)
-            raise ValueError(f"records 0 and {position} of the batch disagree on field(s) {odd}; every record"
-                             " of a dataset must carry the same fields")
+            raise ValueError(
+                f"records 0 and {position} of the batch disagree on field(s) {odd}; every record"
+                " of a dataset must carry the same fields"
+            )
     natoms = np.fromiter((int(r[K.NATOMS]) for r in records), dtype=np.int64, count=len(records))
     ptr = np.zeros(len(records) + 1, dtype=np.int64)
     np.cumsum(natoms, out=ptr[1:])

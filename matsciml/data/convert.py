@@ -91,8 +91,14 @@ def convert(
     shard_size = DEFAULT_RECORDS_PER_SHARD[task] if records_per_shard is None else records_per_shard or None
 
     writer = DatasetWriter(
-        destination, task=task, records_per_shard=shard_size, source="; ".join(described),
-        command=shlex.join(sys.argv), title=title, overwrite=overwrite, license=license,
+        destination,
+        task=task,
+        records_per_shard=shard_size,
+        source="; ".join(described),
+        command=shlex.join(sys.argv),
+        title=title,
+        overwrite=overwrite,
+        license=license,
     )
     progress = progress_bar(Console(stderr=True), unit="records")
     try:

@@ -98,16 +98,19 @@ class AtomisticDataModule(pl.LightningDataModule):
         if graph_backend not in ("native", "dgl", "pyg"):
             raise ValueError(f"graph_backend must be 'native', 'dgl' or 'pyg', got {graph_backend!r}")
         if representation == "point_cloud" and graph_backend != "native":
-            raise ValueError(f"graph_backend={graph_backend!r} needs representation='graph'; "
-                             "point clouds are only batched natively")
+            raise ValueError(
+                f"graph_backend={graph_backend!r} needs representation='graph'; point clouds are only batched natively"
+            )
         self.graph_backend = graph_backend
         # plain strings: hyperparameters go into checkpoints, which load with weights_only=True
         train_path, val_path, test_path, predict_path = (
-            None if p is None else os.fspath(p) for p in (train_path, val_path, test_path, predict_path))
+            None if p is None else os.fspath(p) for p in (train_path, val_path, test_path, predict_path)
+        )
         self.paths = {"train": train_path, "val": val_path, "test": test_path, "predict": predict_path}
         if all(p is None for p in self.paths.values()):
-            raise ValueError("give at least one of train_path, val_path, test_path, predict_path"
-                             " (or use from_devset())")
+            raise ValueError(
+                "give at least one of train_path, val_path, test_path, predict_path (or use from_devset())"
+            )
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.representation = representation
@@ -184,20 +187,29 @@ class AtomisticDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         sampler = UnpaddedDistributedSampler(dataset, 1, 0, shuffle=True, seed=self.seed) if shuffle else None
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler,
-            num_workers=self.num_workers, collate_fn=self.collate_fn(), pin_memory=self.pin_memory,
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn(),
+            pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
     def _distributed_loader(self, split: str, shuffle: bool, world: int, rank: int) -> DataLoader:
         """Loaders Lightning keeps as they are (their samplers are ``DistributedSampler`` subclasses)."""
         dataset = self.datasets[split]
-        common = dict(num_workers=self.num_workers, collate_fn=self.collate_fn(), pin_memory=self.pin_memory,
-                      persistent_workers=self.num_workers > 0)
+        common = dict(
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn(),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
         if split == "train":
             natoms = dataset.natoms() if self.balanced else None
-            sampler = AtomBalancedBatchSampler(dataset, self.batch_size, world, rank, natoms=natoms,
-                                               shuffle=shuffle, seed=self.seed)
+            sampler = AtomBalancedBatchSampler(
+                dataset, self.batch_size, world, rank, natoms=natoms, shuffle=shuffle, seed=self.seed
+            )
             return BatchSamplerLoader(dataset, batch_sampler=sampler, **common)
         sampler = UnpaddedDistributedSampler(dataset, world, rank)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)

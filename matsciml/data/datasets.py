@@ -53,8 +53,7 @@ class _Shard:
         with self._env.begin() as txn:
             value = txn.get(lmdb_shards.record_key(index))
         if value is None:
-            raise DataError(self.path, f"record key {index} is missing (the shard claims {self.length} records)",
-                            index)
+            raise DataError(self.path, f"record key {index} is missing (the shard claims {self.length} records)", index)
         if self.card is not None:
             return store.decode(value, self.path, index)
         return oc20.decode(value, self.path, index)
@@ -88,8 +87,12 @@ class LMDBDataset(torch.utils.data.Dataset):
 
     task: str | None = None
 
-    def __init__(self, path: str | os.PathLike, transforms: Transform | Sequence[Transform] | None = None,
-                 task: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        transforms: Transform | Sequence[Transform] | None = None,
+        task: str | None = None,
+    ):
         self.path = Path(path)
         self.task = task if task is not None else type(self).task
         self.shards = [_Shard(p) for p in lmdb_shards.shard_paths(self.path)]
@@ -143,8 +146,10 @@ class LMDBDataset(torch.utils.data.Dataset):
         return np.concatenate([s.natoms for s in self.shards]).astype(np.int64)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({str(self.path)!r}, records={len(self)}, shards={len(self.shards)}, "
-                f"format={self.shards[0].format}, transform={self.transform!r})")
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, records={len(self)}, shards={len(self.shards)}, "
+            f"format={self.shards[0].format}, transform={self.transform!r})"
+        )
 
 
 class S2EFDataset(LMDBDataset):

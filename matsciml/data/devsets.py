@@ -27,7 +27,5 @@ def devset_path(task: str, split: str = "train") -> Path:
         raise ValueError(f"unknown devset split {split!r}; choose one of {DEVSET_SPLITS}")
     path = devset_root() / task / split
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"devset {task}/{split} not found at {path}; rebuild it with `matsciml devset build`"
-        )
+        raise FileNotFoundError(f"devset {task}/{split} not found at {path}; rebuild it with `matsciml devset build`")
     return path

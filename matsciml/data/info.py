@@ -67,14 +67,23 @@ def describe(path: str | Path, as_json: bool = False, console: Console | None = 
     for name, stats in card["statistics"].items():
         if name == COMPOSITION:  # the sums themselves are unreadable: show the references they give
             fitted = fit_references(stats)
-            rows.append(("references eV", " ".join(f"{chemical_symbols[z]}:{r:+.3f}" for z, r in fitted.items())
-                         + "  (least squares per atom, less the mean shift)"))
+            rows.append(
+                (
+                    "references eV",
+                    " ".join(f"{chemical_symbols[z]}:{r:+.3f}" for z, r in fitted.items())
+                    + "  (least squares per atom, less the mean shift)",
+                )
+            )
         elif name == K.FORCES:
             norms = stats["norms"]
             rows.append(("|forces| eV/Å", f"mean {norms['mean']:.3f}  std {norms['std']:.3f}  max {norms['max']:.3f}"))
         else:
-            rows.append((f"{name} eV", f"mean {stats['mean']:.4f}  std {stats['std']:.4f}  "
-                                       f"min {stats['min']:.4f}  max {stats['max']:.4f}"))
+            rows.append(
+                (
+                    f"{name} eV",
+                    f"mean {stats['mean']:.4f}  std {stats['std']:.4f}  min {stats['min']:.4f}  max {stats['max']:.4f}",
+                )
+            )
     for key in ("source", "command", "content_hash", "matsciml_version"):
         if card.get(key):
             rows.append((key, str(card[key])))

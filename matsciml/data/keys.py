@@ -91,10 +91,17 @@ FIELDS: dict[str, Field] = {
         Field(FIXED, "atom", np.bool_, ("N",), "", "True where the atom is held fixed"),
         Field(FORCES, "atom", np.float32, ("N", 3), "eV/Å", "forces, -dE/dpositions"),
         Field(RELAXED_POSITIONS, "atom", np.float32, ("N", 3), "Å", "positions after relaxation"),
-        Field(EDGE_INDEX, "edge", np.int64, (2, "E"), "", "row 0 neighbour j, row 1 centre i",
-              cat_dim=1, is_index=True),
-        Field(CELL_SHIFTS, "edge", np.int64, ("E", 3), "",
-              "integer lattice shifts S: vector i->j is pos[j] - pos[i] + S @ cell"),
+        Field(
+            EDGE_INDEX, "edge", np.int64, (2, "E"), "", "row 0 neighbour j, row 1 centre i", cat_dim=1, is_index=True
+        ),
+        Field(
+            CELL_SHIFTS,
+            "edge",
+            np.int64,
+            ("E", 3),
+            "",
+            "integer lattice shifts S: vector i->j is pos[j] - pos[i] + S @ cell",
+        ),
         Field(CELL, "structure", np.float32, (3, 3), "Å", "lattice vectors as rows"),
         Field(PBC, "structure", np.bool_, (3,), "", "periodic along each lattice vector"),
         Field(NATOMS, "structure", np.int64, (), "", "number of atoms"),
@@ -108,8 +115,9 @@ FIELDS: dict[str, Field] = {
         Field(PTR, "derived", np.int64, ("B+1",), "", "atom offset of each structure, then N"),
         Field(POINT_INDEX, "derived", np.int64, ("B", "M"), "", "atom index of each point-cloud slot"),
         Field(POINT_MASK, "derived", np.bool_, ("B", "M"), "", "True for real points, False for padding"),
-        Field(POINT_FEATURES, "derived", np.float32, ("B", "M", "S"), "",
-              "one-hot species of each point, zero on padding"),
+        Field(
+            POINT_FEATURES, "derived", np.float32, ("B", "M", "S"), "", "one-hot species of each point, zero on padding"
+        ),
     )
 }
 

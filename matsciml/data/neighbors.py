@@ -95,8 +95,9 @@ def neighbor_calculator(cutoff: float) -> vesin.NeighborList:
         return vesin.NeighborList(cutoff=cutoff, full_list=True)
 
 
-def _neighbour_order(i: np.ndarray, j: np.ndarray, shifts: np.ndarray, distances: np.ndarray,
-                     num_atoms: int) -> np.ndarray:
+def _neighbour_order(
+    i: np.ndarray, j: np.ndarray, shifts: np.ndarray, distances: np.ndarray, num_atoms: int
+) -> np.ndarray:
     """Order pairs by centre, distance (to ``_TIE_TOLERANCE``), neighbour index, shift."""
     rank = np.rint(distances / _TIE_TOLERANCE).astype(np.int64)
     span = int(np.abs(shifts).max(initial=0)) * 2 + 1
@@ -141,13 +142,16 @@ class RadiusGraph:
         if self._calculator is None:
             self._calculator = neighbor_calculator(self.cutoff)
         edge_index, shifts = radius_graph(
-            record["positions"], record["cell"], record["pbc"], self.cutoff, self.max_neighbors,
+            record["positions"],
+            record["cell"],
+            record["pbc"],
+            self.cutoff,
+            self.max_neighbors,
             self._calculator,
         )
         if edge_index.shape[1] == 0 and not self.allow_isolated:
             raise ValueError(
-                f"no atom pair lies within the {self.cutoff} Å cutoff; raise the cutoff or check the"
-                " positions and cell"
+                f"no atom pair lies within the {self.cutoff} Å cutoff; raise the cutoff or check the positions and cell"
             )
         record["edge_index"] = edge_index
         record["cell_shifts"] = shifts

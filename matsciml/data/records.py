@@ -50,8 +50,9 @@ def validate_record(
         raise DataError(source, f"positions must have shape (num_atoms, 3), got {positions.shape}", index)
     natoms = positions.shape[0]
     if K.NATOMS in out and out[K.NATOMS].size == 1 and int(out[K.NATOMS].reshape(-1)[0]) != natoms:
-        raise DataError(source, f"natoms is {int(out[K.NATOMS].reshape(-1)[0])} but positions hold {natoms}"
-                        " atoms", index)
+        raise DataError(
+            source, f"natoms is {int(out[K.NATOMS].reshape(-1)[0])} but positions hold {natoms} atoms", index
+        )
     out[K.NATOMS] = np.asarray(natoms, dtype=np.int64)
     out.setdefault(K.PBC, np.ones(3, dtype=np.bool_))
     out.setdefault(K.CELL, np.zeros((3, 3), dtype=np.float32))
@@ -111,8 +112,10 @@ def _check(record: Record, source, index) -> Record:
         field = K.FIELDS[name]
         shape = array.shape
         # fast path for the common shapes, the general rule otherwise
-        ok = shape == (natoms, 3) if field.shape == ("N", 3) else (
-            shape == (natoms,) if field.shape == ("N",) else shape == field.shape
+        ok = (
+            shape == (natoms, 3)
+            if field.shape == ("N", 3)
+            else (shape == (natoms,) if field.shape == ("N",) else shape == field.shape)
         )
         if not ok and shape != _expected_shape(name, natoms):
             raise DataError(source, f"{name} must have shape {_shape_text(name)}, got {array.shape}", index)

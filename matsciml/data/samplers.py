@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["AtomBalancedBatchSampler", "BatchSamplerLoader", "UnpaddedDistributedSampler",
-           "distributed_context"]
+__all__ = ["AtomBalancedBatchSampler", "BatchSamplerLoader", "UnpaddedDistributedSampler", "distributed_context"]
 
 
 def distributed_context(trainer: Any = None) -> tuple[int, int] | None:
@@ -68,10 +67,11 @@ class UnpaddedDistributedSampler(DistributedSampler):
     def __init__(self, dataset: Sized, num_replicas: int, rank: int, shuffle: bool = False, seed: int = 0):
         _check_rank(num_replicas, rank)
         if len(dataset) < num_replicas:
-            raise ValueError(f"{len(dataset)} structures cannot be shared by {num_replicas} processes: "
-                             "every process needs at least one")
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=False)
+            raise ValueError(
+                f"{len(dataset)} structures cannot be shared by {num_replicas} processes: "
+                "every process needs at least one"
+            )
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.total_size = len(dataset)
         self.num_samples = len(range(rank, self.total_size, num_replicas))
 
@@ -80,7 +80,7 @@ class UnpaddedDistributedSampler(DistributedSampler):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.total_size)
         else:
             order = np.arange(self.total_size)
-        return iter(order[self.rank::self.num_replicas].tolist())
+        return iter(order[self.rank :: self.num_replicas].tolist())
 
     def __len__(self) -> int:
         return self.num_samples
@@ -107,15 +107,23 @@ class AtomBalancedBatchSampler(DistributedSampler):
     It yields lists of indices: pass it as ``batch_sampler`` (through :class:`BatchSamplerLoader`).
     """
 
-    def __init__(self, dataset: Sized, batch_size: int, num_replicas: int, rank: int,
-                 natoms: np.ndarray | None = None, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        dataset: Sized,
+        batch_size: int,
+        num_replicas: int,
+        rank: int,
+        natoms: np.ndarray | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         _check_rank(num_replicas, rank)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if len(dataset) < num_replicas:
             raise ValueError(f"{len(dataset)} structures cannot be shared by {num_replicas} processes")
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.size = len(dataset)
         if natoms is not None:
             natoms = np.asarray(natoms, dtype=np.int64)
@@ -161,7 +169,7 @@ class AtomBalancedBatchSampler(DistributedSampler):
         rank = self.rank if rank is None else rank
         order = self._order()
         step = self.num_replicas * self.batch_size
-        return [self._split(order[start:start + step])[rank] for start in range(0, len(order), step)]
+        return [self._split(order[start : start + step])[rank] for start in range(0, len(order), step)]
 
     # -- iteration, length, epochs, resume ------------------------------------------------------
     def __iter__(self) -> Iterator[list[int]]:
@@ -209,8 +217,9 @@ class BatchSamplerLoader(DataLoader):
         self.__dict__["_sampler"] = value
 
     def __iter__(self):
-        self._consumed = self.batch_sampler.start_batch if self.batch_sampler._start_epoch in (
-            None, self.batch_sampler.epoch) else 0
+        self._consumed = (
+            self.batch_sampler.start_batch if self.batch_sampler._start_epoch in (None, self.batch_sampler.epoch) else 0
+        )
         for batch in super().__iter__():
             self._consumed += 1
             yield batch

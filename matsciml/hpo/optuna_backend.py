@@ -32,9 +32,14 @@ from matsciml.hpo.trial import PruningCallback, TrialFailed, link, run_fit, scor
 HEARTBEAT_S, GRACE_S = 10, 60
 #: a trial that exists: everything but WAITING (enqueued by hand, not started)
 TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
-           "threshold": optuna.pruners.ThresholdPruner, "hyperband": optuna.pruners.HyperbandPruner,
-           "successive_halving": optuna.pruners.SuccessiveHalvingPruner, "none": optuna.pruners.NopPruner}
+PRUNERS = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "threshold": optuna.pruners.ThresholdPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "none": optuna.pruners.NopPruner,
+}
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 
 
@@ -58,10 +63,17 @@ def open_study(space: SearchSpace, study_dir: Path, name: str) -> optuna.Study:
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, stable since 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # a generous SQLite timeout: workers write at the same moments (a trial ends, one starts)
-        storage = optuna.storages.RDBStorage(storage_url(study_dir), heartbeat_interval=HEARTBEAT_S,
-                                             grace_period=GRACE_S, engine_kwargs={"connect_args": {"timeout": 60}})
+        storage = optuna.storages.RDBStorage(
+            storage_url(study_dir),
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            engine_kwargs={"connect_args": {"timeout": 60}},
+        )
     study = optuna.create_study(
-        study_name=name, storage=storage, load_if_exists=True, direction=space.direction,
+        study_name=name,
+        storage=storage,
+        load_if_exists=True,
+        direction=space.direction,
         sampler=_build(space, "sampler", SAMPLERS, None),
         pruner=_build(space, "pruner", PRUNERS, optuna.pruners.NopPruner()),  # pruning only when asked for
     )
@@ -69,9 +81,11 @@ def open_study(space: SearchSpace, study_dir: Path, name: str) -> optuna.Study:
     if metric is None:
         study.set_user_attr("metric", space.metric)
     if metric not in (None, space.metric) or study.direction.name.lower() != space.direction:
-        raise HPOError(f"study {name!r} in {study_dir} optimises {metric or space.metric} "
-                       f"({study.direction.name.lower()}), {space.path} asks for {space.metric} ({space.direction}); "
-                       "use another --study-name or --study-dir")
+        raise HPOError(
+            f"study {name!r} in {study_dir} optimises {metric or space.metric} "
+            f"({study.direction.name.lower()}), {space.path} asks for {space.metric} ({space.direction}); "
+            "use another --study-name or --study-dir"
+        )
     return study
 
 
@@ -79,8 +93,9 @@ def suggest(trial: optuna.Trial, parameter: Parameter) -> Any:
     if parameter.type == "categorical":
         return trial.suggest_categorical(parameter.name, list(parameter.choices))
     if parameter.type == "int":
-        return trial.suggest_int(parameter.name, parameter.low, parameter.high, step=parameter.step or 1,
-                                 log=parameter.log)
+        return trial.suggest_int(
+            parameter.name, parameter.low, parameter.high, step=parameter.step or 1, log=parameter.log
+        )
     return trial.suggest_float(parameter.name, parameter.low, parameter.high, step=parameter.step, log=parameter.log)
 
 
@@ -151,6 +166,10 @@ def summarize(study: optuna.Study, url: str) -> dict[str, Any]:
     best = None
     if complete:
         trial = study.best_trial
-        best = {"number": trial.number, "value": trial.value, "params": trial.params,
-                "run_dir": trial.user_attrs.get("run_dir")}
+        best = {
+            "number": trial.number,
+            "value": trial.value,
+            "params": trial.params,
+            "run_dir": trial.user_attrs.get("run_dir"),
+        }
     return {"backend": "optuna", "study": study.study_name, "storage": url, "counts": counts, "best": best}

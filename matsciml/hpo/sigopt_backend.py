@@ -39,30 +39,42 @@ def connect() -> Any:
 
 def _parameter(parameter: Parameter) -> dict[str, Any]:
     if parameter.type == "categorical":  # SigOpt's categorical values are strings; mapped back in _values
-        return {"name": parameter.name, "type": "categorical",
-                "categorical_values": [json.dumps(c) for c in parameter.choices]}
-    spec = {"name": parameter.name, "type": "double" if parameter.type == "float" else "int",
-            "bounds": {"min": parameter.low, "max": parameter.high}}
+        return {
+            "name": parameter.name,
+            "type": "categorical",
+            "categorical_values": [json.dumps(c) for c in parameter.choices],
+        }
+    spec = {
+        "name": parameter.name,
+        "type": "double" if parameter.type == "float" else "int",
+        "bounds": {"min": parameter.low, "max": parameter.high},
+    }
     if parameter.log:
         spec["transformation"] = "log"
     return spec
 
 
 def _values(space: SearchSpace, assignments: dict[str, Any]) -> dict[str, Any]:
-    return {name: json.loads(value) if space.parameters[name].type == "categorical" else value
-            for name, value in assignments.items()}
+    return {
+        name: json.loads(value) if space.parameters[name].type == "categorical" else value
+        for name, value in assignments.items()
+    }
 
 
-def optimize(space: SearchSpace, base_config: Path, study_dir: Path, name: str, trials: int,
-             connection: Any) -> dict[str, Any]:
+def optimize(
+    space: SearchSpace, base_config: Path, study_dir: Path, name: str, trials: int, connection: Any
+) -> dict[str, Any]:
     """Run suggestions until the experiment holds ``trials`` observations; returns the summary."""
     state_file = study_dir / "sigopt.json"
     if state_file.is_file():
         experiment = connection.experiments(json.loads(state_file.read_text())["experiment"]).fetch()
     else:
         experiment = connection.experiments().create(
-            name=name, parameters=[_parameter(p) for p in space.parameters.values()],
-            metrics=[{"name": space.metric, "objective": space.direction}], observation_budget=trials)
+            name=name,
+            parameters=[_parameter(p) for p in space.parameters.values()],
+            metrics=[{"name": space.metric, "objective": space.direction}],
+            observation_budget=trials,
+        )
         write_atomically(state_file, json.dumps({"experiment": experiment.id}) + "\n")
     handle = connection.experiments(experiment.id)
     fixed = [override(k, v) for k, v in space.fixed.items()]
@@ -92,9 +104,17 @@ def summarize(space: SearchSpace, handle: Any, study_dir: Path, experiment_id: A
     best = None
     for assignment in handle.best_assignments().fetch().iterate_pages():
         observation = next((o for o in observations if o.id == assignment.id), None)
-        best = {"number": assignment.id, "value": assignment.value,
-                "params": _values(space, dict(assignment.assignments)),
-                "run_dir": str(trial_dir(study_dir, str(observation.suggestion)).resolve()) if observation else None}
+        best = {
+            "number": assignment.id,
+            "value": assignment.value,
+            "params": _values(space, dict(assignment.assignments)),
+            "run_dir": str(trial_dir(study_dir, str(observation.suggestion)).resolve()) if observation else None,
+        }
         break
-    return {"backend": "sigopt", "study": str(experiment_id), "storage": str(study_dir / "sigopt.json"),
-            "counts": {"complete": len(observations) - failed, "pruned": 0, "fail": failed}, "best": best}
+    return {
+        "backend": "sigopt",
+        "study": str(experiment_id),
+        "storage": str(study_dir / "sigopt.json"),
+        "counts": {"complete": len(observations) - failed, "pruned": 0, "fail": failed},
+        "best": best,
+    }

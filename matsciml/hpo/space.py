@@ -30,8 +30,11 @@ import yaml
 
 TOP_LEVEL = ("metric", "direction", "parameters", "fixed", "pruner", "sampler")
 #: keys each distribution takes besides ``type`` (the arguments of Optuna's ``suggest_*``)
-DISTRIBUTIONS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"),
-                 "categorical": ("choices",)}
+DISTRIBUTIONS = {
+    "float": ("low", "high", "log", "step"),
+    "int": ("low", "high", "log", "step"),
+    "categorical": ("choices",),
+}
 PRUNERS = ("median", "percentile", "threshold", "hyperband", "successive_halving", "none")
 SAMPLERS = ("tpe", "random")
 
@@ -102,8 +105,16 @@ def load_space(path: str | os.PathLike) -> SearchSpace:
     for key in fixed:
         if key in parsed:
             raise fail(f"fixed.{key}", "is also a tuned parameter; keep it in one of the two")
-    return SearchSpace(path, metric, direction, parsed, dict(fixed), _choice(content, "pruner", PRUNERS, fail),
-                       _choice(content, "sampler", SAMPLERS, fail), content)
+    return SearchSpace(
+        path,
+        metric,
+        direction,
+        parsed,
+        dict(fixed),
+        _choice(content, "pruner", PRUNERS, fail),
+        _choice(content, "sampler", SAMPLERS, fail),
+        content,
+    )
 
 
 def _parameter(name: Any, spec: Any, fail) -> Parameter:

@@ -25,9 +25,15 @@ def default_study_dir(name: str) -> Path:
     return Path("runs") / "hpo" / name
 
 
-def run_hpo(config: str | os.PathLike, space_file: str | os.PathLike, trials: int, backend: str = "optuna",
-            study_dir: str | os.PathLike | None = None, study_name: str | None = None,
-            command: list[str] | None = None) -> dict[str, Any]:
+def run_hpo(
+    config: str | os.PathLike,
+    space_file: str | os.PathLike,
+    trials: int,
+    backend: str = "optuna",
+    study_dir: str | os.PathLike | None = None,
+    study_name: str | None = None,
+    command: list[str] | None = None,
+) -> dict[str, Any]:
     """Run trials of ``matsciml fit --config config`` until the study holds ``trials``; returns the summary.
 
     Args:
@@ -54,9 +60,20 @@ def run_hpo(config: str | os.PathLike, space_file: str | os.PathLike, trials: in
 
         connection = sigopt_backend.connect()  # missing library or token: fail before the record exists
 
-    record = StepRecord(study_dir, "hpo", command=command, config={
-        "config": str(config.resolve()), "space_file": str(Path(space_file).resolve()), "space": space.content,
-        "backend": backend, "trials": trials, "study_name": name, "study_dir": str(study_dir.resolve())})
+    record = StepRecord(
+        study_dir,
+        "hpo",
+        command=command,
+        config={
+            "config": str(config.resolve()),
+            "space_file": str(Path(space_file).resolve()),
+            "space": space.content,
+            "backend": backend,
+            "trials": trials,
+            "study_name": name,
+            "study_dir": str(study_dir.resolve()),
+        },
+    )
     record.add_input("config", config, kind="config")
     record.add_input("space", space_file, kind="config")
     with recorded(record):
@@ -74,22 +91,36 @@ def run_hpo(config: str | os.PathLike, space_file: str | os.PathLike, trials: in
 def _fill(record: StepRecord, space: SearchSpace, summary: dict[str, Any]) -> None:
     best, counts = summary["best"], summary["counts"]
     record.add_output("study", summary["storage"].removeprefix("sqlite:///"), kind="file")
-    final = {space.metric: best["value"] if best else None, "trials_complete": counts.get("complete", 0),
-             "trials_pruned": counts.get("pruned", 0), "trials_failed": counts.get("fail", 0)}
-    record.set_metrics(final=final, best={space.metric: {"value": best["value"], "trial": best["number"],
-                                                         "run_dir": best["run_dir"]}} if best else {})
-    record.data["links"][summary["backend"]] = {"study": summary["study"], "storage": summary["storage"],
-                                                "metric": space.metric, "direction": space.direction,
-                                                "best_trial": best}
+    final = {
+        space.metric: best["value"] if best else None,
+        "trials_complete": counts.get("complete", 0),
+        "trials_pruned": counts.get("pruned", 0),
+        "trials_failed": counts.get("fail", 0),
+    }
+    record.set_metrics(
+        final=final,
+        best={space.metric: {"value": best["value"], "trial": best["number"], "run_dir": best["run_dir"]}}
+        if best
+        else {},
+    )
+    record.data["links"][summary["backend"]] = {
+        "study": summary["study"],
+        "storage": summary["storage"],
+        "metric": space.metric,
+        "direction": space.direction,
+        "best_trial": best,
+    }
 
 
 def render(summary: dict[str, Any], space: SearchSpace) -> str:
     """A few lines for the terminal: trial counts, the best value, its parameters and run folder."""
     counts = summary["counts"]
     done = {k: counts.get(k, 0) for k in ("complete", "pruned", "fail", "running")}
-    lines = [f"hpo study {summary['study']} ({summary['backend']}, {summary['storage']}): "
-             f"{done['complete']} complete, {done['pruned']} pruned, {done['fail']} failed"
-             + (f", {done['running']} running in other workers" if done["running"] else "")]
+    lines = [
+        f"hpo study {summary['study']} ({summary['backend']}, {summary['storage']}): "
+        f"{done['complete']} complete, {done['pruned']} pruned, {done['fail']} failed"
+        + (f", {done['running']} running in other workers" if done["running"] else "")
+    ]
     best = summary["best"]
     if best is None:
         lines.append(f"no complete trial, so no best {space.metric}")

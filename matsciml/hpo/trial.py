@@ -67,12 +67,17 @@ def run_fit(base_config: Path, overrides: list[str], run_dir: Path, callbacks: l
     from matsciml.training_cli import run
 
     run_dir = Path(run_dir)
-    argv = ["fit", "--config", str(base_config), *overrides,
-            f"--trainer.logger.init_args.save_dir={run_dir.parent.parent}",
-            f"--trainer.logger.init_args.name={run_dir.parent.name}",
-            f"--trainer.logger.init_args.version={run_dir.name}",
-            # whatever Lightning roots there (SLURM's hpc checkpoints, profiles) stays in the trial's folder
-            f"--trainer.default_root_dir={run_dir}"]
+    argv = [
+        "fit",
+        "--config",
+        str(base_config),
+        *overrides,
+        f"--trainer.logger.init_args.save_dir={run_dir.parent.parent}",
+        f"--trainer.logger.init_args.name={run_dir.parent.name}",
+        f"--trainer.logger.init_args.version={run_dir.name}",
+        # whatever Lightning roots there (SLURM's hpc checkpoints, profiles) stays in the trial's folder
+        f"--trainer.default_root_dir={run_dir}",
+    ]
     try:
         run(argv, extra_callbacks=callbacks)
     except SystemExit as err:  # jsonargparse has printed which argument it refused

@@ -113,8 +113,10 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
         if self.per_atom:
             return self.sum_per_structure(energy, batch)
         if energy.shape != (batch.num_structures,):
-            raise ValueError(f"{type(self).__name__}.energy returned shape {tuple(energy.shape)}; expected "
-                             f"({batch.num_structures},), one energy per structure (set per_atom=True for atoms)")
+            raise ValueError(
+                f"{type(self).__name__}.energy returned shape {tuple(energy.shape)}; expected "
+                f"({batch.num_structures},), one energy per structure (set per_atom=True for atoms)"
+            )
         return energy
 
     # -- helpers for subclasses ----------------------------------------------------------

@@ -36,14 +36,21 @@ from matsciml.models.layers import init_output_layer, mlp
 class EGNNLayer(nn.Module):
     """One message-passing layer on invariant features."""
 
-    def __init__(self, hidden: int, edge_sizes: Sequence[int], node_sizes: Sequence[int], activation: str,
-                 num_edge_features: int = 1):
+    def __init__(
+        self,
+        hidden: int,
+        edge_sizes: Sequence[int],
+        node_sizes: Sequence[int],
+        activation: str,
+        num_edge_features: int = 1,
+    ):
         super().__init__()
         self.edge_mlp = mlp([2 * hidden + num_edge_features, *edge_sizes], activation, last_activation=True)
         self.node_mlp = mlp([hidden + edge_sizes[-1], *node_sizes, hidden], activation)
 
-    def forward(self, h: torch.Tensor, edge_index: torch.Tensor, radial: torch.Tensor,
-                envelope: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, edge_index: torch.Tensor, radial: torch.Tensor, envelope: torch.Tensor
+    ) -> torch.Tensor:
         """``radial``: edge features ``(E, num_edge_features)``; ``envelope``: ``(E,)``."""
         j, i = edge_index
         messages = self.edge_mlp(torch.cat([h[i], h[j], radial], dim=-1)) * envelope.unsqueeze(-1)
@@ -96,8 +103,7 @@ class EGNN(AbstractEnergyModel):
         self.embedding = nn.Embedding(num_species + 1, projection_hidden)
         self.projection = mlp([projection_hidden] * projection_depth + [hidden], activation)
         self.layers = nn.ModuleList(
-            EGNNLayer(hidden, list(edge_sizes), list(node_sizes), activation, 1 + num_radial)
-            for _ in range(num_layers)
+            EGNNLayer(hidden, list(edge_sizes), list(node_sizes), activation, 1 + num_radial) for _ in range(num_layers)
         )
         self.output = mlp([hidden] + [output_hidden] * (output_depth - 1) + [1], activation)
         init_output_layer(self.output[-1])

@@ -86,18 +86,35 @@ def _layer_norm(kind: str, width: int) -> nn.Module:
 class _Settings:
     """The attention settings every layer of one model shares."""
 
-    def __init__(self, hidden: int, rank: int, merge_fun: str, join_fun: str, invariant_mode: str,
-                 covariant_mode: str, include_normalized_products: bool, invariant_value_normalization: str,
-                 value_normalization: str, score_normalization: str, activation: str, momentum: float):
+    def __init__(
+        self,
+        hidden: int,
+        rank: int,
+        merge_fun: str,
+        join_fun: str,
+        invariant_mode: str,
+        covariant_mode: str,
+        include_normalized_products: bool,
+        invariant_value_normalization: str,
+        value_normalization: str,
+        score_normalization: str,
+        activation: str,
+        momentum: float,
+    ):
         self.hidden = hidden
         self.activation = activation
         self.invariant_value_normalization = invariant_value_normalization
         self.value_normalization = value_normalization
         self.score_normalization = score_normalization
         self.momentum = momentum
-        self.attention_kwargs = dict(merge_fun=merge_fun, join_fun=join_fun, rank=rank,
-                                     invariant_mode=invariant_mode, covariant_mode=covariant_mode,
-                                     include_normalized_products=include_normalized_products)
+        self.attention_kwargs = dict(
+            merge_fun=merge_fun,
+            join_fun=join_fun,
+            rank=rank,
+            invariant_mode=invariant_mode,
+            covariant_mode=covariant_mode,
+            include_normalized_products=include_normalized_products,
+        )
         self.num_invariants = VectorAttention.get_invariant_dims(rank, invariant_mode, include_normalized_products)
 
     def act(self) -> nn.Module:
@@ -106,24 +123,35 @@ class _Settings:
     def value_net(self) -> nn.Sequential:
         """Invariants of the geometric products -> ``hidden`` values; entry 0 normalises them."""
         width = self.hidden
-        norm = (MaskedMomentumNormalization(self.num_invariants, self.momentum)
-                if self.invariant_value_normalization == "momentum" else nn.Identity())
-        return nn.Sequential(norm, nn.Linear(self.num_invariants, width),
-                             _layer_norm(self.value_normalization, width), self.act(), nn.Linear(width, width))
+        norm = (
+            MaskedMomentumNormalization(self.num_invariants, self.momentum)
+            if self.invariant_value_normalization == "momentum"
+            else nn.Identity()
+        )
+        return nn.Sequential(
+            norm,
+            nn.Linear(self.num_invariants, width),
+            _layer_norm(self.value_normalization, width),
+            self.act(),
+            nn.Linear(width, width),
+        )
 
     def score_net(self) -> nn.Sequential:
         """Joined values -> one logit (or, for ``scale_net``, one vector scale)."""
         width = self.hidden
-        return nn.Sequential(nn.Linear(width, width), _layer_norm(self.score_normalization, width), self.act(),
-                             nn.Linear(width, 1))
+        return nn.Sequential(
+            nn.Linear(width, width), _layer_norm(self.score_normalization, width), self.act(), nn.Linear(width, 1)
+        )
 
     def invariant(self, reduce: bool) -> InvariantAttention:
-        return InvariantAttention(self.hidden, self.score_net(), self.value_net(), reduce=reduce,
-                                  **self.attention_kwargs)
+        return InvariantAttention(
+            self.hidden, self.score_net(), self.value_net(), reduce=reduce, **self.attention_kwargs
+        )
 
     def equivariant(self) -> EquivariantAttention:
-        return EquivariantAttention(self.hidden, self.score_net(), self.value_net(), self.score_net(),
-                                    reduce=False, **self.attention_kwargs)
+        return EquivariantAttention(
+            self.hidden, self.score_net(), self.value_net(), self.score_net(), reduce=False, **self.attention_kwargs
+        )
 
 
 def attend(layer: VectorAttention, vectors: torch.Tensor, values: torch.Tensor, bonds: torch.Tensor) -> torch.Tensor:
@@ -146,19 +174,25 @@ def attend(layer: VectorAttention, vectors: torch.Tensor, values: torch.Tensor, 
 class GalaBlock(nn.Module):
     """One block: optional equivariant update of the bond vectors, then of the bond values."""
 
-    def __init__(self, settings: _Settings, equivariant: bool, equivariant_value_normalization: str,
-                 block_normalization: str):
+    def __init__(
+        self, settings: _Settings, equivariant: bool, equivariant_value_normalization: str, block_normalization: str
+    ):
         super().__init__()
         self.vector_attention = settings.equivariant() if equivariant else None
-        self.vector_norm = (MaskedMomentumLayerNormalization(settings.momentum)
-                            if equivariant and equivariant_value_normalization == "momentum_layer" else None)
+        self.vector_norm = (
+            MaskedMomentumLayerNormalization(settings.momentum)
+            if equivariant and equivariant_value_normalization == "momentum_layer"
+            else None
+        )
         self.attention = settings.invariant(reduce=False)
         self.norm = _layer_norm(block_normalization, settings.hidden)
-        self.mlp = nn.Sequential(nn.Linear(settings.hidden, settings.hidden), settings.act(),
-                                 nn.Linear(settings.hidden, settings.hidden))
+        self.mlp = nn.Sequential(
+            nn.Linear(settings.hidden, settings.hidden), settings.act(), nn.Linear(settings.hidden, settings.hidden)
+        )
 
-    def forward(self, vectors: torch.Tensor, values: torch.Tensor,
-                bonds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, vectors: torch.Tensor, values: torch.Tensor, bonds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         real = bonds.unsqueeze(-1)
         if self.vector_attention is not None:
             update = attend(self.vector_attention, vectors, values, bonds)
@@ -223,11 +257,12 @@ class Gala(AbstractEnergyModel):
         _check_choice("invariant_mode", invariant_mode, MODES)
         _check_choice("covariant_mode", covariant_mode, MODES)
         _check_choice("invariant_value_normalization", invariant_value_normalization, ("momentum", "none"))
-        _check_choice("equivariant_value_normalization", equivariant_value_normalization,
-                      ("momentum_layer", "none"))
-        for name, kind in (("value_normalization", value_normalization),
-                           ("score_normalization", score_normalization),
-                           ("block_normalization", block_normalization)):
+        _check_choice("equivariant_value_normalization", equivariant_value_normalization, ("momentum_layer", "none"))
+        for name, kind in (
+            ("value_normalization", value_normalization),
+            ("score_normalization", score_normalization),
+            ("block_normalization", block_normalization),
+        ):
             _check_choice(name, kind, ("layer", "none"))
         _check_choice("activation", activation, SMOOTH_ACTIVATIONS)
         if num_species < 1 or hidden < 1:
@@ -239,9 +274,20 @@ class Gala(AbstractEnergyModel):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.num_species = num_species
-        settings = _Settings(hidden, rank, merge_fun, join_fun, invariant_mode, covariant_mode,
-                             include_normalized_products, invariant_value_normalization, value_normalization,
-                             score_normalization, activation, momentum)
+        settings = _Settings(
+            hidden,
+            rank,
+            merge_fun,
+            join_fun,
+            invariant_mode,
+            covariant_mode,
+            include_normalized_products,
+            invariant_value_normalization,
+            value_normalization,
+            score_normalization,
+            activation,
+            momentum,
+        )
         # the paper's symmetric one-hot input, [one_hot(i), one_hot(j)] -> hidden
         self.embedding = nn.Linear(2 * num_species, hidden)
         self.blocks = nn.ModuleList(
@@ -269,8 +315,10 @@ class Gala(AbstractEnergyModel):
         points = batch.positions[batch.point_index]  # (B, M, 3); padding slots gather atom 0
         features = batch.point_features.to(points.dtype)  # (B, M, S)
         if features.shape[-1] != self.num_species:
-            raise ValueError(f"point_features have {features.shape[-1]} species; {type(self).__name__} was built "
-                             f"with num_species={self.num_species} (set num_species in the data module to match)")
+            raise ValueError(
+                f"point_features have {features.shape[-1]} species; {type(self).__name__} was built "
+                f"with num_species={self.num_species} (set num_species in the data module to match)"
+            )
         num_points = points.shape[1]
         itself = torch.eye(num_points, dtype=torch.bool, device=points.device)
         bonds = real.unsqueeze(2) & real.unsqueeze(1) & ~itself  # (B, M_i, M_j): real bond i -> j
@@ -280,8 +328,11 @@ class Gala(AbstractEnergyModel):
         vectors = torch.where(bonds.unsqueeze(-1), vectors, 0.0)
         # Linear([one_hot(i), one_hot(j)]) without building the (B, M, M, 2S) input
         centre_weight, neighbour_weight = self.embedding.weight.split(self.num_species, dim=1)
-        values = ((features @ centre_weight.T).unsqueeze(2) + (features @ neighbour_weight.T).unsqueeze(1)
-                  + self.embedding.bias)
+        values = (
+            (features @ centre_weight.T).unsqueeze(2)
+            + (features @ neighbour_weight.T).unsqueeze(1)
+            + self.embedding.bias
+        )
         values = torch.where(bonds.unsqueeze(-1), values, 0.0)
         for block in self.blocks:
             vectors, values = block(vectors, values, bonds)

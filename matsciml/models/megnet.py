@@ -75,8 +75,9 @@ from matsciml.models.layers import check_activation, init_output_layer, mlp
 SMOOTH_ACTIVATIONS = ("softplus", "silu")
 
 
-def segment_softmax(logits: torch.Tensor, index: torch.Tensor, num_segments: int,
-                    weights: torch.Tensor | None = None) -> torch.Tensor:
+def segment_softmax(
+    logits: torch.Tensor, index: torch.Tensor, num_segments: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Softmax of ``logits`` within each segment ``index``, optionally weighted.
 
     Returns ``a_k = w_k exp(s_k) / sum_{l in seg(k)} w_l exp(s_l)`` (``w = 1`` when
@@ -120,8 +121,9 @@ class Set2Set(nn.Module):
         self.steps = steps
         self.lstm = nn.LSTM(2 * width, width, num_layers=num_layers)
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor, num_segments: int,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, index: torch.Tensor, num_segments: int, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Readout ``(num_segments, 2 * width)`` of elements ``x`` ``(K, width)`` in segments ``index``."""
         if x.device.type == "cpu":
             # oneDNN has no reduced-precision LSTM on many CPUs ("could not create a primitive descriptor
@@ -132,8 +134,9 @@ class Set2Set(nn.Module):
                 return self._readout(x.to(dtype), index, num_segments, None if weights is None else weights.to(dtype))
         return self._readout(x, index, num_segments, weights)
 
-    def _readout(self, x: torch.Tensor, index: torch.Tensor, num_segments: int,
-                 weights: torch.Tensor | None) -> torch.Tensor:
+    def _readout(
+        self, x: torch.Tensor, index: torch.Tensor, num_segments: int, weights: torch.Tensor | None
+    ) -> torch.Tensor:
         layers = self.lstm.num_layers
         state = (x.new_zeros(layers, num_segments, self.width), x.new_zeros(layers, num_segments, self.width))
         q_star = x.new_zeros(num_segments, 2 * self.width)
@@ -153,8 +156,16 @@ class Set2Set(nn.Module):
 class MegNetBlock(nn.Module):
     """Dense pre-layers on edges, atoms and state, then the edge, atom and state updates."""
 
-    def __init__(self, edge_in: int, node_in: int, state_in: int, dense_sizes: Sequence[int],
-                 conv_sizes: Sequence[int], activation: str, dropout: float):
+    def __init__(
+        self,
+        edge_in: int,
+        node_in: int,
+        state_in: int,
+        dense_sizes: Sequence[int],
+        conv_sizes: Sequence[int],
+        activation: str,
+        dropout: float,
+    ):
         super().__init__()
         d = dense_sizes[-1]
         self.edge_dense = mlp([edge_in, *dense_sizes], activation, last_activation=True)
@@ -168,8 +179,9 @@ class MegNetBlock(nn.Module):
         # add the update to the block's input where widths allow, else to the pre-layers' output
         self.residual = (edge_in, node_in, state_in) == (width, width, width)
 
-    def forward(self, v: torch.Tensor, e: torch.Tensor, u: torch.Tensor, graph: _Graph
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, v: torch.Tensor, e: torch.Tensor, u: torch.Tensor, graph: _Graph
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         j, i = graph.edge_index
         v_d, e_d, u_d = self.node_dense(v), self.edge_dense(e), self.state_dense(u)
         w = graph.weights.unsqueeze(-1)
@@ -186,8 +198,9 @@ class MegNetBlock(nn.Module):
             return v + v_new, e + e_new, u + u_new
         return v_d + v_new, e_d + e_new, u_d + u_new
 
-    def _phi_e_first_layer(self, v_d: torch.Tensor, e_d: torch.Tensor, u_d: torch.Tensor, graph: _Graph
-                           ) -> torch.Tensor:
+    def _phi_e_first_layer(
+        self, v_d: torch.Tensor, e_d: torch.Tensor, u_d: torch.Tensor, graph: _Graph
+    ) -> torch.Tensor:
         """``Linear(cat[v_i, v_j, e_ij, u])`` without building the ``(E, 4d)`` concatenation.
 
         The atom and state parts of the weight act on the (few) atoms and structures and are
@@ -205,8 +218,7 @@ class MegNetBlock(nn.Module):
 class _Graph:
     """Indices and normalisers shared by every block of one forward pass."""
 
-    __slots__ = ("centre_norm", "edge_index", "edge_norm", "edge_structure", "node_norm", "structure_index",
-                 "weights")
+    __slots__ = ("centre_norm", "edge_index", "edge_norm", "edge_structure", "node_norm", "structure_index", "weights")
 
     def __init__(self, batch: Batch, weights: torch.Tensor):
         dtype = weights.dtype
@@ -268,9 +280,15 @@ class MegNet(AbstractEnergyModel):
     ):
         super().__init__(cutoff=cutoff)
         check_activation(activation, SMOOTH_ACTIVATIONS)
-        for name, value in (("node_dim", node_dim), ("state_dim", state_dim), ("num_gaussians", num_gaussians),
-                            ("num_blocks", num_blocks), ("set2set_layers", set2set_layers),
-                            ("set2set_steps", set2set_steps), ("num_species", num_species)):
+        for name, value in (
+            ("node_dim", node_dim),
+            ("state_dim", state_dim),
+            ("num_gaussians", num_gaussians),
+            ("num_blocks", num_blocks),
+            ("set2set_layers", set2set_layers),
+            ("set2set_steps", set2set_steps),
+            ("num_species", num_species),
+        ):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         if not gaussian_width > 0:
@@ -280,8 +298,10 @@ class MegNet(AbstractEnergyModel):
         dense_sizes = _check_sizes("dense_sizes", dense_sizes)
         conv_sizes = _check_sizes("conv_sizes", conv_sizes)
         if dense_sizes[-1] != conv_sizes[-1]:
-            raise ValueError(f"dense_sizes[-1] ({dense_sizes[-1]}) must equal conv_sizes[-1] ({conv_sizes[-1]}):"
-                             " the first block's residual connection adds the two")
+            raise ValueError(
+                f"dense_sizes[-1] ({dense_sizes[-1]}) must equal conv_sizes[-1] ({conv_sizes[-1]}):"
+                " the first block's residual connection adds the two"
+            )
         output_sizes = list(output_sizes)
         if any(int(s) != s or s < 1 for s in output_sizes):
             raise ValueError(f"output_sizes must be positive integers, got {output_sizes}")

@@ -54,8 +54,10 @@ def _check_references(references: Any, extensive: bool, energy_key: str) -> Mapp
     if not extensive:
         # adsorption energies are already differences against the clean slab and gas-phase
         # references; a composition term would make them grow with the slab's size
-        raise ValueError(f"element_references apply to total energies (S2EF); {energy_key!r} is an adsorption "
-                         "energy, already referenced to the slab and gas phase: leave element_references unset")
+        raise ValueError(
+            f"element_references apply to total energies (S2EF); {energy_key!r} is an adsorption "
+            "energy, already referenced to the slab and gas phase: leave element_references unset"
+        )
     if references == "fit" or isinstance(references, Mapping):
         return references
     raise TypeError(f"element_references must be a dict atomic number -> eV or 'fit', got {references!r}")
@@ -63,9 +65,11 @@ def _check_references(references: Any, extensive: bool, energy_key: str) -> Mapp
 
 def _composition(statistics: Mapping[str, Any]) -> Mapping[str, Any]:
     if COMPOSITION not in statistics:
-        raise ValueError(f"element references need the training statistics' {COMPOSITION!r} sums, which these "
-                         "statistics lack; pass datamodule.target_statistics of a matsciml data module "
-                         "(it recomputes old cards)")
+        raise ValueError(
+            f"element references need the training statistics' {COMPOSITION!r} sums, which these "
+            "statistics lack; pass datamodule.target_statistics of a matsciml data module "
+            "(it recomputes old cards)"
+        )
     return statistics[COMPOSITION]
 
 
@@ -178,18 +182,28 @@ class AtomisticTask(pl.LightningModule):
             return
         representation = getattr(datamodule, "representation", None)
         if representation is not None and representation != self.model.representation:
-            raise ValueError(f"{type(self.model).__name__} needs representation={self.model.representation!r} "
-                             f"but the data module builds {representation!r}; set data.representation")
+            raise ValueError(
+                f"{type(self.model).__name__} needs representation={self.model.representation!r} "
+                f"but the data module builds {representation!r}; set data.representation"
+            )
         data_cutoff, model_cutoff = getattr(datamodule, "cutoff", None), getattr(self.model, "cutoff", None)
-        if representation == "graph" and data_cutoff is not None and model_cutoff is not None \
-                and data_cutoff < model_cutoff:
-            raise ValueError(f"the data's radius graph (cutoff {data_cutoff} Å) is shorter than the model's "
-                             f"cutoff {model_cutoff} Å; neighbours in between would be missing")
+        if (
+            representation == "graph"
+            and data_cutoff is not None
+            and model_cutoff is not None
+            and data_cutoff < model_cutoff
+        ):
+            raise ValueError(
+                f"the data's radius graph (cutoff {data_cutoff} Å) is shorter than the model's "
+                f"cutoff {model_cutoff} Å; neighbours in between would be missing"
+            )
         if stage == "fit" and representation == "graph":
             self._record_graph(datamodule)
         if stage == "fit" and self.compile_options is not None and self.trains_forces:
-            rank_zero_info("matsciml: torch.compile does not support double backward: training steps run "
-                           "the eager model (forces in the loss), validation/test/predict the compiled one")
+            rank_zero_info(
+                "matsciml: torch.compile does not support double backward: training steps run "
+                "the eager model (forces in the loss), validation/test/predict the compiled one"
+            )
         if stage == "fit" and not bool(self.fitted):
             statistics = getattr(datamodule, "target_statistics", None)
             if statistics:
@@ -200,16 +214,20 @@ class AtomisticTask(pl.LightningModule):
         """Keep the data's graph settings in the hyper-parameters (so in checkpoints and exports)."""
         data_graph = _graph_record({"cutoff": datamodule.cutoff, "max_neighbors": datamodule.max_neighbors})
         if self.graph is not None and self.graph != data_graph:
-            raise ValueError(f"the task was trained on radius graphs {self.graph} but the data module builds "
-                             f"{data_graph}; set data.cutoff / data.max_neighbors to match, or start a new task")
+            raise ValueError(
+                f"the task was trained on radius graphs {self.graph} but the data module builds "
+                f"{data_graph}; set data.cutoff / data.max_neighbors to match, or start a new task"
+            )
         self.graph = data_graph
         self.hparams["graph"] = data_graph
 
     def _check_species(self) -> None:
         limit = getattr(self.model, "num_species", None)
         if self.species and limit is not None and max(self.species) > limit:
-            raise ValueError(f"the data holds atomic number {max(self.species)} but "
-                             f"{type(self.model).__name__} embeds only 1..{limit} (num_species)")
+            raise ValueError(
+                f"the data holds atomic number {max(self.species)} but "
+                f"{type(self.model).__name__} embeds only 1..{limit} (num_species)"
+            )
 
     # -- prediction --------------------------------------------------------------------
     def energy(self, batch: Batch, create_graph: bool = False) -> torch.Tensor:
@@ -299,13 +317,21 @@ class AtomisticTask(pl.LightningModule):
                 if key not in means:
                     means[key] = WeightedMean().to(value.device)
                 means[key](value.detach().float(), float(weight))
-                self.log(key, means[key], on_step=True, on_epoch=True, prog_bar=shown,
-                         metric_attribute=f"_train_means.{key}")
+                self.log(
+                    key, means[key], on_step=True, on_epoch=True, prog_bar=shown, metric_attribute=f"_train_means.{key}"
+                )
                 continue
             # a float weight: Lightning keeps an integer count truncated by world size in sync_dist,
             # which inflates weighted means when ranks hold uneven shares (unpadded validation)
-            self.log(key, value.detach().float(), batch_size=float(weight), on_step=False, on_epoch=True,
-                     sync_dist=True, prog_bar=shown)
+            self.log(
+                key,
+                value.detach().float(),
+                batch_size=float(weight),
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                prog_bar=shown,
+            )
 
     def energy_metrics(self, energy: torch.Tensor, target: torch.Tensor, batch: Batch) -> dict:
         error = (energy.detach() - target).abs()

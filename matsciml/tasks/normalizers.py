@@ -37,8 +37,13 @@ class EnergyNormalizer(nn.Module):
             the atoms of each structure (e.g. isolated-atom or fitted composition energies).
     """
 
-    def __init__(self, shift: float = 0.0, scale: float = 1.0, per_atom: bool = False,
-                 element_references: Mapping[int, float] | None = None):
+    def __init__(
+        self,
+        shift: float = 0.0,
+        scale: float = 1.0,
+        per_atom: bool = False,
+        element_references: Mapping[int, float] | None = None,
+    ):
         super().__init__()
         if not scale > 0:
             raise ValueError(f"normaliser scale must be positive, got {scale}")

@@ -53,8 +53,11 @@ class _Share:
             predicted = np.concatenate([p.reshape(-1) for p, _ in pairs])
             reference = np.concatenate([r.reshape(-1) for _, r in pairs])
             keep = plots.subsample(predicted.size, limit, seed)
-            summary[name] = {"error": float(np.abs(predicted - reference).sum()), "count": predicted.size,
-                             "points": (predicted[keep], reference[keep])}
+            summary[name] = {
+                "error": float(np.abs(predicted - reference).sum()),
+                "count": predicted.size,
+                "points": (predicted[keep], reference[keep]),
+            }
         return summary
 
 
@@ -64,8 +67,11 @@ def _merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         parts = [s[name] for s in summaries if name in s]
         if parts:
             count = sum(p["count"] for p in parts)
-            merged[name] = {"mae": sum(p["error"] for p in parts) / max(count, 1), "count": count,
-                            "points": tuple(np.concatenate([p["points"][i] for p in parts]) for i in (0, 1))}
+            merged[name] = {
+                "mae": sum(p["error"] for p in parts) / max(count, 1),
+                "count": count,
+                "points": tuple(np.concatenate([p["points"][i] for p in parts]) for i in (0, 1)),
+            }
     return merged
 
 
@@ -115,13 +121,27 @@ class PlotCallback(pl.Callback):
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.shares["test"] = _Share()
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if "val" in self.shares:
             self.shares["val"].add(trainer, pl_module, batch, "val")
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self.shares["test"].add(trainer, pl_module, batch, "test")
 
     # -- drawing ---------------------------------------------------------------------------
@@ -149,8 +169,9 @@ class PlotCallback(pl.Callback):
         label = {"val": "validation", "test": "test"}[split]
         when = f", epoch {trainer.current_epoch}" if trainer.state.fn == "fit" else ""
         counts = f"{merged['energy']['count']} structures"
-        figure, shown = plots.parity_figure(merged["energy"]["points"], forces, mae=mae,
-                                            title=f"{label} parity ({counts}{when})", max_points=None)
+        figure, shown = plots.parity_figure(
+            merged["energy"]["points"], forces, mae=mae, title=f"{label} parity ({counts}{when})", max_points=None
+        )
         self._save(figure, f"parity_{split}", shown)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -45,8 +45,9 @@ class PredictionWriter(BasePredictionWriter):
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         return path
 
-    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any,
-                           batch_indices: Any) -> None:
+    def write_on_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         arrays = gather_predictions(list(batches))
         path = self._target(trainer)

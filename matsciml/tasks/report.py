@@ -30,8 +30,9 @@ def metrics_table(metrics: dict[str, float], stage: str, title: str) -> Table | 
             continue
         baseline = metrics.get(f"{stage}/{baseline_name}") if baseline_name else None
         ratio = f"{value / baseline:.2f}" if baseline else ""
-        table.add_row(f"{label} ({unit})" if unit else label, f"{value:.4f}",
-                      "" if baseline is None else f"{baseline:.4f}", ratio)
+        table.add_row(
+            f"{label} ({unit})" if unit else label, f"{value:.4f}", "" if baseline is None else f"{baseline:.4f}", ratio
+        )
         rows += 1
     return table if rows else None
 

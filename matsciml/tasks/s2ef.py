@@ -98,9 +98,18 @@ class S2EFTask(AtomisticTask):
             raise ValueError("loss coefficients must be >= 0")
         self.regress_forces = regress_forces
         self.regress_stress = regress_stress
-        super().__init__(model, lr=lr, gamma=gamma, statistics=statistics, species=species,
-                         element_references=element_references, normalize=normalize, loss=loss, compile=compile,
-                         graph=graph)
+        super().__init__(
+            model,
+            lr=lr,
+            gamma=gamma,
+            statistics=statistics,
+            species=species,
+            element_references=element_references,
+            normalize=normalize,
+            loss=loss,
+            compile=compile,
+            graph=graph,
+        )
         self.energy_coefficient = energy_coefficient
         self.force_coefficient = force_coefficient
         self.stress_coefficient = stress_coefficient
@@ -181,8 +190,9 @@ class S2EFTask(AtomisticTask):
                 # eV/Å^3 per structure: stress * (V / natoms) / scale is a virial per atom in energy units
                 stress_scale = (scale / (volume.to(dtype) / natoms))[labelled][:, None, None]
                 stress, target_stress = out["stress"][labelled], batch.stress.to(dtype)[labelled]
-                loss = loss + self.stress_coefficient * self.loss_fn(stress / stress_scale,
-                                                                     target_stress / stress_scale)
+                loss = loss + self.stress_coefficient * self.loss_fn(
+                    stress / stress_scale, target_stress / stress_scale
+                )
                 metrics["stress_mae"] = ((stress.detach() - target_stress).abs().mean(), int(labelled.sum()))
         return loss, metrics
 
@@ -195,7 +205,6 @@ class S2EFTask(AtomisticTask):
             "force_cosine": (cosine.mean(), forces.shape[0]),
             "force_mae_baseline": (target.abs().mean(), components),
         }
-
 
 
 #: The name used in the Open MatSci ML Toolkit paper.

@@ -30,8 +30,10 @@ BACKENDS = [
     pytest.param("pyg", marks=pytest.mark.requires_pyg, id="pyg"),
 ]
 _MODULES = {"dgl": "dgl", "pyg": "torch_geometric.data"}
-_REASONS = {"dgl": "DGL is not installed here (it needs torch <= 2.2.1: run `make test-dgl`)",
-            "pyg": "torch_geometric is not installed here (the main test env checks OC20 reads without PyG)"}
+_REASONS = {
+    "dgl": "DGL is not installed here (it needs torch <= 2.2.1: run `make test-dgl`)",
+    "pyg": "torch_geometric is not installed here (the main test env checks OC20 reads without PyG)",
+}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -107,21 +109,38 @@ def test_point_clouds_are_refused(backend):
 
 
 def small_egnn() -> EGNN:
-    return EGNN(hidden=16, num_layers=2, edge_sizes=(16,), node_sizes=(16,), projection_hidden=16,
-                output_hidden=16, num_radial=8, cutoff=5.0)
+    return EGNN(
+        hidden=16,
+        num_layers=2,
+        edge_sizes=(16,),
+        node_sizes=(16,),
+        projection_hidden=16,
+        output_hidden=16,
+        num_radial=8,
+        cutoff=5.0,
+    )
 
 
 def small_megnet() -> MegNet:
-    return MegNet(cutoff=5.0, num_blocks=2, dense_sizes=(16, 8), conv_sizes=(16, 16, 8), num_gaussians=16,
-                  set2set_layers=1, set2set_steps=2, output_sizes=(8, 8))
+    return MegNet(
+        cutoff=5.0,
+        num_blocks=2,
+        dense_sizes=(16, 8),
+        conv_sizes=(16, 16, 8),
+        num_gaussians=16,
+        set2set_layers=1,
+        set2set_steps=2,
+        output_sizes=(8, 8),
+    )
 
 
 @pytest.mark.parametrize("make_model", [small_egnn, small_megnet], ids=["egnn", "megnet"])
 def test_models_give_the_same_energies_and_forces(backend, make_model):
     torch.manual_seed(0)
     model = make_model().double().eval()
-    batch = batch_from_atoms([slab(), small_bulk(), molecule_like()], cutoff=5.0, max_neighbors=None,
-                             dtype=torch.float64)
+    batch = batch_from_atoms(
+        [slab(), small_bulk(), molecule_like()], cutoff=5.0, max_neighbors=None, dtype=torch.float64
+    )
 
     def energy_and_forces(make_input):
         positions = batch.positions.detach().clone().requires_grad_(True)

@@ -63,8 +63,9 @@ def test_a_short_training_run_lowers_the_loss(example, tmp_path):
     data = S2EFDGLDataModule.from_devset(batch_size=8, shuffle=False)
     graphs = next(iter(data.train_dataloader()))
     torch.manual_seed(0)
-    task, trainer, _ = example.train(max_steps=25, batch_size=4, lr=5e-3, default_root_dir=tmp_path,
-                                     enable_progress_bar=False, limit_val_batches=0)
+    task, trainer, _ = example.train(
+        max_steps=25, batch_size=4, lr=5e-3, default_root_dir=tmp_path, enable_progress_bar=False, limit_val_batches=0
+    )
     trained = task.model.state_dict()
     torch.manual_seed(0)
     fresh = type(task)(example.DGLEnergyModel(hidden=16, num_layers=2, num_radial=8, cutoff=data.cutoff))

@@ -57,7 +57,10 @@ def test_extxyz_to_sharded_s2ef_dataset(inputs, tmp_path):
     card = convert([inputs["extxyz"]], tmp_path / "train", "s2ef", records_per_shard=10, title="EMT slabs")
     records, metas, keys = read_dataset(tmp_path / "train")
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
-        "data.0000.lmdb", "data.0001.lmdb", "data.0002.lmdb"]
+        "data.0000.lmdb",
+        "data.0001.lmdb",
+        "data.0002.lmdb",
+    ]
     assert [m["shard"]["count"] for m in metas] == [10, 10, 5]
     assert sorted(keys[0], key=int) == [str(i).encode() for i in range(10)]
     assert card == {k: v for k, v in metas[0].items() if k != "shard"}
@@ -181,10 +184,28 @@ def test_bad_inputs_raise_one_data_error(tmp_path, setup, message):
 def test_cli_end_to_end(inputs, tmp_path):
     destination = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "matsciml.cli", "data", "convert", str(inputs["extxyz"]), str(inputs["db"]),
-         str(destination), "--task", "s2ef", "--records-per-shard", "30", "--title", "from cli",
-         "--license", "CC-BY-4.0"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "matsciml.cli",
+            "data",
+            "convert",
+            str(inputs["extxyz"]),
+            str(inputs["db"]),
+            str(destination),
+            "--task",
+            "s2ef",
+            "--records-per-shard",
+            "30",
+            "--title",
+            "from cli",
+            "--license",
+            "CC-BY-4.0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     records, metas, _ = read_dataset(destination)
@@ -234,9 +255,26 @@ sys.exit(cli.main(sys.argv[1:]))
 def test_ctrl_c_leaves_no_dataset(inputs, tmp_path):
     destination, marker = tmp_path / "interrupted", tmp_path / "writing"
     process = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_CONVERT, "data", "convert", str(inputs["extxyz"]), str(inputs["traj"]),
-         str(inputs["db"]), str(destination), "--task", "s2ef", "--records-per-shard", "5"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "MARKER": str(marker)},
+        [
+            sys.executable,
+            "-c",
+            _SLOW_CONVERT,
+            "data",
+            "convert",
+            str(inputs["extxyz"]),
+            str(inputs["traj"]),
+            str(inputs["db"]),
+            str(destination),
+            "--task",
+            "s2ef",
+            "--records-per-shard",
+            "5",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MARKER": str(marker)},
     )
     deadline = time.monotonic() + 300
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:

@@ -211,8 +211,15 @@ def test_card_statistics_leave_out_fixed_atoms_and_give_the_composition_fit():
         fixed[0] = True
         forces = rng.normal(size=(len(numbers), 3))
         forces[0] = 100.0  # a fixed atom's force must not reach the statistics
-        stats.add({"natoms": np.int64(len(numbers)), "atomic_numbers": numbers, "energy": np.float64(energy),
-                   "forces": forces, "fixed": fixed})
+        stats.add(
+            {
+                "natoms": np.int64(len(numbers)),
+                "atomic_numbers": numbers,
+                "energy": np.float64(energy),
+                "forces": forces,
+                "fixed": fixed,
+            }
+        )
         rows.append((numbers, energy))
     summary = stats.summary()["statistics"]
     assert summary["forces"]["free_atoms_only"] and summary["forces"]["components"]["max"] < 100.0

@@ -16,9 +16,7 @@ METALS = {13, 28, 29, 46, 47, 78, 79}
 
 def _build(root, seed=0, workers=1):
     build_devsets(root, seed=seed, sizes=TINY, workers=workers, progress=False)
-    return {
-        (task, split): read_split(root / task / split) for task in TINY for split in DEVSET_SPLITS
-    }
+    return {(task, split): read_split(root / task / split) for task in TINY for split in DEVSET_SPLITS}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +32,9 @@ def _hashes(built):
 def test_layout_and_counts(tiny):
     root, built = tiny
     assert sorted(p.name for p in (root / "s2ef" / "train").iterdir()) == [
-        "data.0000.lmdb", "data.0001.lmdb", "data.0002.lmdb"
+        "data.0000.lmdb",
+        "data.0001.lmdb",
+        "data.0002.lmdb",
     ]
     assert [p.name for p in (root / "is2re" / "val").iterdir()] == ["data.lmdb"]
     for (task, split), (records, cards) in built.items():
@@ -128,11 +128,14 @@ def test_existing_output_is_refused_before_any_work(tiny):
         build_devsets(root, sizes=TINY, progress=False)
 
 
-@pytest.mark.parametrize("sizes, match", [
-    ({"s2ef": {"train": 0}}, "positive integer"),
-    ({"s2ef": {"training": 5}}, "unknown entries"),
-    ({"is2rs": {"train": 5}}, "unknown entries"),
-])
+@pytest.mark.parametrize(
+    "sizes, match",
+    [
+        ({"s2ef": {"train": 0}}, "positive integer"),
+        ({"s2ef": {"training": 5}}, "unknown entries"),
+        ({"is2rs": {"train": 5}}, "unknown entries"),
+    ],
+)
 def test_bad_sizes_are_rejected(tmp_path, sizes, match):
     with pytest.raises(ValueError, match=match):
         build_devsets(tmp_path / "out", sizes=sizes, progress=False)

@@ -15,8 +15,16 @@ def test_info_prints_the_card(s2ef_path):
     card = describe(s2ef_path, console=console)
     text = console.export_text()
     assert card["num_records"] == 12 and card["num_shards"] == 3
-    for expected in ("matsciml-lmdb, 3 shard(s)", "s2ef", "Cu:", "Pt:", "O:", "energy eV", "|forces| eV/Å",
-                     "content_hash"):
+    for expected in (
+        "matsciml-lmdb, 3 shard(s)",
+        "s2ef",
+        "Cu:",
+        "Pt:",
+        "O:",
+        "energy eV",
+        "|forces| eV/Å",
+        "content_hash",
+    ):
         assert expected in text
 
 

@@ -105,8 +105,7 @@ def test_the_capped_graph_does_not_depend_on_vesins_pair_order(atoms):
     edge_index, shifts = radius_graph(atoms.positions, atoms.cell.array, atoms.pbc, 4.0, 5)
     for seed in range(3):
         calculator = _ShuffledPairs(4.0, seed)
-        shuffled_index, shuffled_shifts = radius_graph(atoms.positions, atoms.cell.array, atoms.pbc, 4.0, 5,
-                                                       calculator)
+        shuffled_index, shuffled_shifts = radius_graph(atoms.positions, atoms.cell.array, atoms.pbc, 4.0, 5, calculator)
         assert np.array_equal(shuffled_index, edge_index) and np.array_equal(shuffled_shifts, shifts)
 
 

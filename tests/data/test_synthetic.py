@@ -47,8 +47,11 @@ def test_stored_forces_are_minus_the_energy_gradient(s2ef):
         np.testing.assert_allclose(record["energy"], energy, rtol=1e-6)
         np.testing.assert_allclose(record["forces"], forces, atol=1e-5)
     record = records[0]
-    positions, cell, numbers = record["positions"].astype(np.float64), record["cell"].astype(np.float64), \
-        record["atomic_numbers"]
+    positions, cell, numbers = (
+        record["positions"].astype(np.float64),
+        record["cell"].astype(np.float64),
+        record["atomic_numbers"],
+    )
     step, numeric = 1e-5, np.zeros_like(positions)
     for atom in range(len(positions)):
         for axis in range(3):
@@ -63,8 +66,11 @@ def test_stored_forces_are_minus_the_energy_gradient(s2ef):
 
 def test_periodic_images_and_translation_are_handled():
     record = synthetic_record(np.random.default_rng(0))
-    positions, cell, numbers = record["positions"].astype(np.float64), record["cell"].astype(np.float64), \
-        record["atomic_numbers"]
+    positions, cell, numbers = (
+        record["positions"].astype(np.float64),
+        record["cell"].astype(np.float64),
+        record["atomic_numbers"],
+    )
     energy, forces = pair_energy_forces(positions, numbers, cell)
     shifted = positions + [cell[0, 0] / 3, cell[1, 1] / 2, 0.0]  # atoms cross the cell boundary
     shifted[:, :2] %= np.diag(cell)[:2]

@@ -81,28 +81,50 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     datamodule = S2EFDataModule.from_devset(batch_size=args.batch_size)
     datamodule.setup("fit")
-    task = RecordingTask(tiny_egnn(), statistics=datamodule.target_statistics, fail_rank=args.fail_rank,
-                         regress_forces=not args.energy_only,
-                         compile={"backend": args.compile} if args.compile else False)
-    trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=args.devices, num_nodes=args.num_nodes,
-                         max_epochs=1, limit_train_batches=args.train_batches, num_sanity_val_steps=0,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    task = RecordingTask(
+        tiny_egnn(),
+        statistics=datamodule.target_statistics,
+        fail_rank=args.fail_rank,
+        regress_forces=not args.energy_only,
+        compile={"backend": args.compile} if args.compile else False,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        strategy="ddp",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        max_epochs=1,
+        limit_train_batches=args.train_batches,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(task, datamodule=datamodule)
-    train_epoch = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
-                   and k.endswith("_epoch")}
+    train_epoch = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and k.endswith("_epoch")
+    }
     trainer.save_checkpoint(args.out / "model.ckpt")  # collective; rank 0 writes
-    loaders = {"train_sampler": type(trainer.train_dataloader.sampler).__name__,
-               "val_sampler": type(trainer.val_dataloaders.sampler).__name__,
-               "val_batches": len(trainer.val_dataloaders)}
+    loaders = {
+        "train_sampler": type(trainer.train_dataloader.sampler).__name__,
+        "val_sampler": type(trainer.val_dataloaders.sampler).__name__,
+        "val_batches": len(trainer.val_dataloaders),
+    }
     predictions = trainer.predict(task, datamodule=datamodule)
     predicted = [pair for p in predictions for pair in zip(p["sid"].tolist(), p["fid"].tolist(), strict=True)]
     result = {
-        "rank": trainer.global_rank, "world_size": trainer.world_size, "hash": weights_hash(task),
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "hash": weights_hash(task),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-        "seen": {**task.seen, "predict": predicted}, "predict_size": len(datamodule.datasets["predict"]),
-        "train_atoms": task.train_atoms, "train_logged": task.train_logged, "train_epoch": train_epoch,
-        "compiled": "_compiled_model" in task.__dict__, **loaders,
+        "seen": {**task.seen, "predict": predicted},
+        "predict_size": len(datamodule.datasets["predict"]),
+        "train_atoms": task.train_atoms,
+        "train_logged": task.train_logged,
+        "train_epoch": train_epoch,
+        "compiled": "_compiled_model" in task.__dict__,
+        **loaders,
     }
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 

@@ -32,17 +32,25 @@ def free_port() -> int:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK",
-                                "TORCHELASTIC", "PL_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            ("SLURM_", "MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC", "PL_")
+        )
+    }
     env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **extra})
     return env
 
 
 def run_all(commands: list[tuple[list[str], dict[str, str]]], timeout: float = TIMEOUT) -> list[int]:
     """Starts every command at once; kills them all (and fails) if they are not done in ``timeout``."""
-    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True) for cmd, env in commands]
+    procs = [
+        subprocess.Popen(
+            cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        for cmd, env in commands
+    ]
     deadline = time.monotonic() + timeout
     outputs = []
     try:
@@ -129,9 +137,18 @@ def test_ddp_trains_a_compiled_model(tmp_path):
 
 
 def slurm_env(rank: int, port: str) -> dict[str, str]:
-    return base_env(MASTER_PORT=port, SLURM_JOB_ID="4242", SLURM_JOB_NAME="matsciml-test", SLURM_NTASKS="2",
-                    SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_PROCID=str(rank), SLURM_LOCALID="0",
-                    SLURM_NODEID=str(rank), SLURM_NODELIST="localhost")
+    return base_env(
+        MASTER_PORT=port,
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="matsciml-test",
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_NNODES="2",
+        SLURM_PROCID=str(rank),
+        SLURM_LOCALID="0",
+        SLURM_NODEID=str(rank),
+        SLURM_NODELIST="localhost",
+    )
 
 
 def test_two_fake_slurm_nodes_agree(tmp_path):
@@ -145,9 +162,28 @@ def test_two_fake_slurm_nodes_agree(tmp_path):
 
 def test_torchrun_two_nodes_on_loopback_agree(tmp_path):
     port = str(free_port())
-    commands = [([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                  f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", str(SCRIPT),
-                  str(tmp_path), "--devices", "1", "--num-nodes", "2"], base_env()) for rank in range(2)]
+    commands = [
+        (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={rank}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                str(SCRIPT),
+                str(tmp_path),
+                "--devices",
+                "1",
+                "--num-nodes",
+                "2",
+            ],
+            base_env(),
+        )
+        for rank in range(2)
+    ]
     for proc in run_all(commands):
         assert proc.returncode == 0, proc.output[-3000:]
     check_ranks(tmp_path)
@@ -155,8 +191,9 @@ def test_torchrun_two_nodes_on_loopback_agree(tmp_path):
 
 def test_a_failing_rank_ends_the_whole_job(tmp_path):
     start = time.monotonic()
-    (proc,) = run_all([([sys.executable, str(SCRIPT), str(tmp_path), "--devices", "2", "--fail-rank", "1"],
-                        base_env())], timeout=60)
+    (proc,) = run_all(
+        [([sys.executable, str(SCRIPT), str(tmp_path), "--devices", "2", "--fail-rank", "1"], base_env())], timeout=60
+    )
     assert proc.returncode != 0
     assert "deliberate failure on rank 1" in proc.output
     assert time.monotonic() - start < 60

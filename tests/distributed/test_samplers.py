@@ -24,8 +24,10 @@ def test_eval_sampler_refuses_more_ranks_than_structures():
 
 
 def samplers(natoms, batch_size, world, **kwargs):
-    return [AtomBalancedBatchSampler(range(len(natoms)), batch_size, world, rank, natoms=natoms, **kwargs)
-            for rank in range(world)]
+    return [
+        AtomBalancedBatchSampler(range(len(natoms)), batch_size, world, rank, natoms=natoms, **kwargs)
+        for rank in range(world)
+    ]
 
 
 @pytest.mark.parametrize("size,batch_size,world", [(200, 4, 2), (203, 4, 3), (50, 8, 4), (9, 4, 2)])
@@ -37,13 +39,17 @@ def test_training_batches_are_balanced_and_cover_the_epoch(size, batch_size, wor
     seen = [i for batches in per_rank for batch in batches for i in batch]
     assert set(seen) == set(range(size))
     assert len(seen) - size < world  # only the top-up of a short last step repeats structures
-    full = [np.ptp([natoms[b].sum() for b in step]) for step in zip(*per_rank, strict=True)
-            if all(len(b) == batch_size for b in step)]
+    full = [
+        np.ptp([natoms[b].sum() for b in step])
+        for step in zip(*per_rank, strict=True)
+        if all(len(b) == batch_size for b in step)
+    ]
     assert max(full, default=0) <= natoms.max()  # within one structure's size
     if full:  # and much better than batches of random structures
         rng = np.random.default_rng(0)
-        random = [np.ptp(natoms[rng.permutation(size)[: world * batch_size]].reshape(world, -1).sum(1))
-                  for _ in range(200)]
+        random = [
+            np.ptp(natoms[rng.permutation(size)[: world * batch_size]].reshape(world, -1).sum(1)) for _ in range(200)
+        ]
         assert np.mean(full) < np.mean(random) / 2
 
 
@@ -127,18 +133,34 @@ def test_lightning_resumes_mid_epoch_at_the_next_batch(tmp_path):
             return super().training_step(batch, batch_idx)
 
     def fit(max_steps, callbacks=(), ckpt_path=None):
-        loader = BatchSamplerLoader(dataset, batch_sampler=AtomBalancedBatchSampler(
-            dataset, 4, 1, 0, natoms=dataset.natoms(), seed=0), collate_fn=datamodule.collate_fn())
-        trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, enable_checkpointing=bool(callbacks),
-                             callbacks=list(callbacks), limit_val_batches=0)
+        loader = BatchSamplerLoader(
+            dataset,
+            batch_sampler=AtomBalancedBatchSampler(dataset, 4, 1, 0, natoms=dataset.natoms(), seed=0),
+            collate_fn=datamodule.collate_fn(),
+        )
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=bool(callbacks),
+            callbacks=list(callbacks),
+            limit_val_batches=0,
+        )
         torch.manual_seed(0)
-        trainer.fit(Recording(tiny_egnn(), statistics=datamodule.target_statistics), train_dataloaders=loader,
-                    ckpt_path=ckpt_path)
+        trainer.fit(
+            Recording(tiny_egnn(), statistics=datamodule.target_statistics),
+            train_dataloaders=loader,
+            ckpt_path=ckpt_path,
+        )
 
     fit(5, [ModelCheckpoint(dirpath=tmp_path / "first", every_n_train_steps=3, save_top_k=-1)])
     first, seen[:] = list(seen), []
-    fit(6, [ModelCheckpoint(dirpath=tmp_path / "resumed", every_n_train_steps=3, save_top_k=-1)],
-        ckpt_path=tmp_path / "first" / "epoch=0-step=3.ckpt")
+    fit(
+        6,
+        [ModelCheckpoint(dirpath=tmp_path / "resumed", every_n_train_steps=3, save_top_k=-1)],
+        ckpt_path=tmp_path / "first" / "epoch=0-step=3.ckpt",
+    )
     assert [s[:2] for s in seen] == [(0, 3), (0, 4), (0, 5)]
     assert seen[:2] == first[3:5]  # the very batches the interrupted run would have trained on

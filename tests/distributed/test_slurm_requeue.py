@@ -32,19 +32,39 @@ def slurm_job_env(tmp_path: Path) -> dict[str, str]:
     scontrol.write_text(FAKE_SCONTROL)
     scontrol.chmod(0o755)
     return base_env(
-        SLURM_JOB_ID="777", SLURM_JOB_NAME="matsciml-requeue", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
-        SLURM_NNODES="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost",
-        PATH=f"{bin_dir}:{base_env()['PATH']}", PYTHONPATH=str(ROOT / "tests"),
-        REQUEUE_LOG=str(tmp_path / "requeue.log"))
+        SLURM_JOB_ID="777",
+        SLURM_JOB_NAME="matsciml-requeue",
+        SLURM_NTASKS="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_NNODES="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_NODELIST="localhost",
+        PATH=f"{bin_dir}:{base_env()['PATH']}",
+        PYTHONPATH=str(ROOT / "tests"),
+        REQUEUE_LOG=str(tmp_path / "requeue.log"),
+    )
 
 
 def test_requeued_job_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
-    signal_at = {"class_path": "helpers.interrupts.SignalAtStep",
-                 "init_args": {"step": 6, "marker": str(tmp_path / "signalled")}}
-    cmd = [str(Path(sys.executable).with_name("matsciml")), "fit", "--config", "configs/devset/is2re-egnn.yaml",
-           f"--trainer.max_epochs={EPOCHS}", f"--trainer.limit_train_batches={BATCHES}",
-           "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-           f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--trainer.callbacks+={json.dumps(signal_at)}"]
+    signal_at = {
+        "class_path": "helpers.interrupts.SignalAtStep",
+        "init_args": {"step": 6, "marker": str(tmp_path / "signalled")},
+    }
+    cmd = [
+        str(Path(sys.executable).with_name("matsciml")),
+        "fit",
+        "--config",
+        "configs/devset/is2re-egnn.yaml",
+        f"--trainer.max_epochs={EPOCHS}",
+        f"--trainer.limit_train_batches={BATCHES}",
+        "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        f"--trainer.callbacks+={json.dumps(signal_at)}",
+    ]
     env = slurm_job_env(tmp_path)
 
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)

@@ -38,8 +38,11 @@ def emt_frames(num: int, seed: int = 0, labels: bool = True) -> list[Atoms]:
         atoms.rattle(0.05, seed=seed + i)
         if labels:
             atoms.calc = EMT()
-            results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
-                       "stress": atoms.get_stress()}
+            results = {
+                "energy": atoms.get_potential_energy(),
+                "forces": atoms.get_forces(),
+                "stress": atoms.get_stress(),
+            }
             atoms.calc = SinglePointCalculator(atoms, **results)
             atoms.info["relaxed_energy"] = results["energy"] - 1.0
         atoms.new_array("relaxed_positions", atoms.positions + 0.01)

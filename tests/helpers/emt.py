@@ -37,7 +37,7 @@ def read_split(path: Path) -> tuple[list[dict], list[dict]]:
                 records.append(decode(value, shard, index))
             assert txn.get(record_key(card["shard"]["count"])) is None, f"{shard} holds extra records"
         natoms = read_natoms(env, shard)
-        shard_records = records[len(records) - card["shard"]["count"]:]
+        shard_records = records[len(records) - card["shard"]["count"] :]
         assert natoms.tolist() == [len(r["positions"]) for r in shard_records]
         cards.append(card)
     assert all(card["content_hash"] == "sha256:" + digest.hexdigest() for card in cards)

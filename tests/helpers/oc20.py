@@ -80,9 +80,7 @@ def _pyg2(fields: Mapping[str, Any]) -> Any:
     # parent as a strong reference (BaseStorage.__getstate__ unwraps the weakref).
     data, store = _Data(), _GlobalStorage()
     store.__dict__.update({"_mapping": dict(fields), "_parent": data})
-    data.__dict__.update(
-        {"_edge_attr_cls": _DataEdgeAttr, "_tensor_attr_cls": _DataTensorAttr, "_store": store}
-    )
+    data.__dict__.update({"_edge_attr_cls": _DataEdgeAttr, "_tensor_attr_cls": _DataTensorAttr, "_store": store})
     return data
 
 
@@ -96,9 +94,7 @@ def _pyg1(fields: Mapping[str, Any]) -> Any:
     return data
 
 
-def pickle_record(
-    record: Mapping[str, Any], style: str = "pyg2", protocol: int = pickle.HIGHEST_PROTOCOL
-) -> bytes:
+def pickle_record(record: Mapping[str, Any], style: str = "pyg2", protocol: int = pickle.HIGHEST_PROTOCOL) -> bytes:
     """Pickle one record as OCP wrote it (``style`` is one of :data:`STYLES`)."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")

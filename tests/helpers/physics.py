@@ -116,8 +116,7 @@ class PhysicsBattery:
         if self.representation != "graph":
             return batch_from_atoms(structures, dtype=torch.float64, representation=self.representation)
         graph = data_radius_graph(self.cutoff)
-        return batch_from_atoms(structures, cutoff=graph.cutoff, max_neighbors=graph.max_neighbors,
-                                dtype=torch.float64)
+        return batch_from_atoms(structures, cutoff=graph.cutoff, max_neighbors=graph.max_neighbors, dtype=torch.float64)
 
     def test_the_battery_builds_graphs_as_users_get_them(self):
         # the data module's graph and batch_from_atoms' default (calculator, predict) are one graph

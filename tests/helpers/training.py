@@ -9,12 +9,28 @@ from matsciml.models import EGNN
 
 def tiny_egnn(**kwargs) -> EGNN:
     """An EGNN small enough for a Lightning run in a second or two."""
-    settings = dict(hidden=8, num_layers=1, edge_sizes=(8,), node_sizes=(8,), projection_hidden=16,
-                    output_depth=2, output_hidden=8, num_radial=4, cutoff=6.0)
+    settings = dict(
+        hidden=8,
+        num_layers=1,
+        edge_sizes=(8,),
+        node_sizes=(8,),
+        projection_hidden=16,
+        output_depth=2,
+        output_hidden=8,
+        num_radial=4,
+        cutoff=6.0,
+    )
     return EGNN(**{**settings, **kwargs})
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
-    settings = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     return pl.Trainer(**{**settings, **kwargs})

@@ -33,8 +33,10 @@ def test_edge_vectors_include_the_periodic_offsets():
     batch = batch_from_atoms(atoms, cutoff=5.0, max_neighbors=None, dtype=torch.float64)
     vectors = AbstractEnergyModel.edge_vectors(batch).numpy()
     i, j, expected = neighbor_list("ijD", atoms, 5.0)
-    ours = {(int(a), int(b), *np.round(v, 8)) for a, b, v in zip(batch.edge_index[1], batch.edge_index[0], vectors,
-                                                                  strict=True)}
+    ours = {
+        (int(a), int(b), *np.round(v, 8))
+        for a, b, v in zip(batch.edge_index[1], batch.edge_index[0], vectors, strict=True)
+    }
     ase = {(int(a), int(b), *np.round(v, 8)) for a, b, v in zip(i, j, expected, strict=True)}
     assert ours == ase
     without_offsets = batch.positions[batch.edge_index[0]] - batch.positions[batch.edge_index[1]]

@@ -33,8 +33,13 @@ def test_the_example_trains_through_the_cli_with_the_shipped_config(tmp_path, mo
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(DOC.parents[1])
     command = re.search(r"matsciml (fit --config \S+ --model\.init_args\.model=\S+)", DOC.read_text()).group(1)
-    quick = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-             "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-             f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    quick = [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
     assert main([*command.split(), *quick]) == 0
     assert "force MAE" in capsys.readouterr().out

@@ -71,8 +71,15 @@ class TestGalaEquivariant(TestGala):
     """The other paths: equivariant blocks, normalised products, mean merge and join, no value LayerNorm."""
 
     def make_model(self):
-        return Gala(hidden=16, num_blocks=1, equivariant_attention=True, include_normalized_products=True,
-                    merge_fun="mean", join_fun="mean", value_normalization="none")
+        return Gala(
+            hidden=16,
+            num_blocks=1,
+            equivariant_attention=True,
+            include_normalized_products=True,
+            merge_fun="mean",
+            join_fun="mean",
+            value_normalization="none",
+        )
 
 
 @pytest.mark.parametrize("equivariant", [False, True])
@@ -157,8 +164,9 @@ def test_paper_sized_defaults():
     assert attention.invariant_mode == "full" and attention.covariant_mode == "full"
     assert attention.value_net[1].in_features == 4  # |r_ij|, |r_ik|, r_ij . r_ik, |r_ij ^ r_ik|
     assert isinstance(attention.value_net[0], MaskedMomentumNormalization)
-    assert isinstance(attention.value_net[2], torch.nn.LayerNorm) and isinstance(attention.score_net[1],
-                                                                                  torch.nn.LayerNorm)
+    assert isinstance(attention.value_net[2], torch.nn.LayerNorm) and isinstance(
+        attention.score_net[1], torch.nn.LayerNorm
+    )
     assert isinstance(model.blocks[0].norm, torch.nn.LayerNorm) and model.blocks[0].vector_attention is None
     assert len(model.blocks) == 3 and model.num_parameters() == 346_305
     equivariant = Gala(equivariant_attention=True)
@@ -208,8 +216,7 @@ def test_padding_slots_have_no_influence(equivariant):
     # padding slots pointing at other atoms, with junk species features
     junk = batch.replace(
         point_index=torch.where(padding, batch.num_atoms - 1, batch.point_index),
-        point_features=torch.where(padding.unsqueeze(-1), torch.rand_like(batch.point_features),
-                                   batch.point_features),
+        point_features=torch.where(padding.unsqueeze(-1), torch.rand_like(batch.point_features), batch.point_features),
     )
     energy_junk, forces_junk = energy_and_forces(model, junk)
     assert torch.allclose(energy_junk, energy, atol=1e-12, rtol=0)
@@ -226,9 +233,12 @@ def test_training_statistics_ignore_padding_and_the_rest_of_the_batch():
     batch = clouds([small_bulk(), slab()])
     first, second = copy.deepcopy(model), copy.deepcopy(model)
     energy = first(batch)
-    junk = batch.replace(point_features=torch.where(~batch.point_mask.unsqueeze(-1),
-                                                    torch.rand_like(batch.point_features), batch.point_features),
-                         point_index=torch.where(batch.point_mask, batch.point_index, batch.num_atoms - 1))
+    junk = batch.replace(
+        point_features=torch.where(
+            ~batch.point_mask.unsqueeze(-1), torch.rand_like(batch.point_features), batch.point_features
+        ),
+        point_index=torch.where(batch.point_mask, batch.point_index, batch.num_atoms - 1),
+    )
     assert torch.allclose(second(junk), energy, atol=1e-12, rtol=0)
     assert all(torch.allclose(a, b, atol=1e-14) for a, b in zip(first.buffers(), second.buffers(), strict=True))
     norm = first.blocks[0].attention.value_net[0]

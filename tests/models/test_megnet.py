@@ -10,8 +10,15 @@ from matsciml.models.megnet import MegNet, Set2Set, _Graph, segment_softmax
 
 
 def small_megnet(cutoff: float = 5.0, **kwargs) -> MegNet:
-    sizes = dict(num_blocks=2, dense_sizes=(32, 16), conv_sizes=(32, 32, 16), num_gaussians=32,
-                 set2set_layers=2, set2set_steps=3, output_sizes=(16, 8))
+    sizes = dict(
+        num_blocks=2,
+        dense_sizes=(32, 16),
+        conv_sizes=(32, 32, 16),
+        num_gaussians=32,
+        set2set_layers=2,
+        set2set_steps=3,
+        output_sizes=(16, 8),
+    )
     return MegNet(cutoff=cutoff, **{**sizes, **kwargs})
 
 

@@ -31,8 +31,15 @@ def test_absent_xpu_fails_with_the_reason(tmp_path, monkeypatch, capsys):
     with pytest.raises(AcceleratorUnavailable, match=r"accelerator='xpu' was requested but .*xpu"):
         check_accelerator("xpu")
     monkeypatch.chdir(ROOT)
-    code = main(["fit", "--config", "configs/devset/is2re-egnn.yaml", "--trainer.accelerator=xpu",
-                 f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            "configs/devset/is2re-egnn.yaml",
+            "--trainer.accelerator=xpu",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "matsciml: error: trainer.accelerator='xpu' was requested" in err and "Traceback" not in err
@@ -61,8 +68,9 @@ def test_trains_on_gpu_with_float32_forces(precision):
     datamodule = S2EFDataModule.from_devset(batch_size=4, shuffle=False)
     datamodule.setup("fit")
     task = S2EFTask(tiny_egnn(), statistics=datamodule.target_statistics)
-    trainer = quiet_trainer(accelerator="gpu", max_epochs=1, limit_train_batches=3, limit_val_batches=2,
-                            precision=precision)
+    trainer = quiet_trainer(
+        accelerator="gpu", max_epochs=1, limit_train_batches=3, limit_val_batches=2, precision=precision
+    )
     trainer.fit(task, datamodule=datamodule)
     metrics = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
     assert np.isfinite(metrics["val/force_mae"]) and metrics["val/force_mae"] > 0
@@ -96,11 +104,22 @@ def test_cli_fits_in_float64_with_precision_64_true(tmp_path, monkeypatch):
     # Lightning's DoublePrecision converts the batch through apply_to_collection: a Batch is a Mapping
     monkeypatch.chdir(ROOT)
     probe = PositionDtypes()
-    run(["fit", "--config", "configs/devset/s2ef-egnn.yaml", "--trainer.precision=64-true",
-         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-         "--trainer.log_every_n_steps=1",
-         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-         "--model.init_args.model.init_args.hidden=8", f"--trainer.logger.init_args.save_dir={tmp_path}"],
-        extra_callbacks=[probe])
+    run(
+        [
+            "fit",
+            "--config",
+            "configs/devset/s2ef-egnn.yaml",
+            "--trainer.precision=64-true",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--model.init_args.model.init_args.hidden=8",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ],
+        extra_callbacks=[probe],
+    )
     assert probe.seen == [(torch.float64, torch.float64)] * 2
     assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()

@@ -71,11 +71,24 @@ def test_s2ef_trains_eagerly_and_evaluates_forces_compiled():
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_true_from_a_config_runs_inductor(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    assert main(["fit", "--config", "configs/devset/is2re-egnn.yaml", "--model.init_args.compile=true",
-                 "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
-                 "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
-                 "--trainer.enable_progress_bar=false",
-                 f"--trainer.logger.init_args.save_dir={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/devset/is2re-egnn.yaml",
+                "--model.init_args.compile=true",
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=3",
+                "--trainer.limit_val_batches=2",
+                "--trainer.num_sanity_val_steps=0",
+                "--trainer.log_every_n_steps=1",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     assert "energy MAE" in capsys.readouterr().out
     checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
     assert checkpoint["hyper_parameters"]["compile"] is True

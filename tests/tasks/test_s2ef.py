@@ -197,7 +197,6 @@ def test_model_rebuilds_from_its_spec_in_hparams():
     assert task.hparams["model"]["class_path"] == "matsciml.models.egnn.EGNN"
 
 
-
 @pytest.mark.parametrize("name", ["egnn", "megnet", "gala"])
 def test_every_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search(name):
     # lazily built or unused heads force DDP's find_unused_parameters=True (REFERENCE.md §3)
@@ -207,8 +206,16 @@ def test_every_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search
 
     models = {
         "egnn": lambda: tiny_egnn(),
-        "megnet": lambda: MegNet(num_blocks=1, dense_sizes=(16, 8), conv_sizes=(16, 8), num_gaussians=8,
-                                 set2set_layers=1, set2set_steps=2, output_sizes=(8,), dropout=0.0),
+        "megnet": lambda: MegNet(
+            num_blocks=1,
+            dense_sizes=(16, 8),
+            conv_sizes=(16, 8),
+            num_gaussians=8,
+            set2set_layers=1,
+            set2set_steps=2,
+            output_sizes=(8,),
+            dropout=0.0,
+        ),
         "gala": lambda: Gala(hidden=8, num_blocks=1),
     }
     model = models[name]()
@@ -237,9 +244,20 @@ def test_forces_stay_float32_under_bf16_autocast(task, datamodule):
 @pytest.mark.parametrize(("precision", "model"), [("bf16-mixed", "egnn"), ("32", "egnn"), ("bf16-mixed", "megnet")])
 def test_trains_on_cpu_at_each_precision(datamodule, precision, model):
     # MegNet's Set2Set LSTM runs in float32 under CPU autocast (oneDNN lacks a bf16 LSTM on many CPUs)
-    model = tiny_egnn() if model == "egnn" else MegNet(cutoff=6.0, num_blocks=1, dense_sizes=(16, 8),
-                                                       conv_sizes=(16, 16, 8), num_gaussians=16, set2set_layers=1,
-                                                       set2set_steps=2, output_sizes=(8, 4))
+    model = (
+        tiny_egnn()
+        if model == "egnn"
+        else MegNet(
+            cutoff=6.0,
+            num_blocks=1,
+            dense_sizes=(16, 8),
+            conv_sizes=(16, 16, 8),
+            num_gaussians=16,
+            set2set_layers=1,
+            set2set_steps=2,
+            output_sizes=(8, 4),
+        )
+    )
     task = S2EFTask(model, statistics=datamodule.target_statistics)
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, precision=precision)
     trainer.fit(task, datamodule=datamodule)
@@ -284,8 +302,9 @@ def test_fresh_task_with_fitted_references_predicts_the_least_squares_fit(datamo
 
 def test_given_references_are_subtracted_before_the_statistics(datamodule):
     references, fit, _ = _training_fit(datamodule)
-    given = S2EFTask(_zero_output(tiny_egnn()), statistics=datamodule.target_statistics,
-                     element_references=references)  # the old code added these to the raw mean too
+    given = S2EFTask(
+        _zero_output(tiny_egnn()), statistics=datamodule.target_statistics, element_references=references
+    )  # the old code added these to the raw mean too
     np.testing.assert_allclose(_train_energies(given, datamodule), fit, rtol=1e-5)
 
 
@@ -334,14 +353,18 @@ def test_stress_task_gives_energy_and_forces_for_a_molecule():
 
 def test_stress_loss_masks_structures_without_a_cell_or_labels_and_has_stress_units():
     torch.manual_seed(0)
-    task = S2EFTask(tiny_egnn(cutoff=5.0), regress_stress=True, energy_coefficient=0.0,
-                    force_coefficient=0.0).double().train()
+    task = (
+        S2EFTask(tiny_egnn(cutoff=5.0), regress_stress=True, energy_coefficient=0.0, force_coefficient=0.0)
+        .double()
+        .train()
+    )
     structures = _bulk_and_molecule() + [small_bulk()]
     batch = batch_from_atoms(structures, cutoff=5.0, max_neighbors=None, dtype=torch.float64)
     stress = torch.randn(3, 3, 3, dtype=torch.float64) * 0.01
     stress[2] = float("nan")  # no label for the second bulk
-    batch = batch.replace(energy=torch.zeros(3, dtype=torch.float64), forces=torch.zeros_like(batch.positions),
-                          stress=stress)
+    batch = batch.replace(
+        energy=torch.zeros(3, dtype=torch.float64), forces=torch.zeros_like(batch.positions), stress=stress
+    )
     loss, metrics = task.step(batch)
     assert torch.isfinite(loss)
     loss.backward()

@@ -17,8 +17,9 @@ def test_epoch_times_are_kept_and_logged_once_per_epoch(tmp_path):
     task = IS2RETask(tiny_egnn(), statistics=datamodule.target_statistics)
     timer = EpochTimer()
     logger = CSVLogger(tmp_path)
-    trainer = quiet_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2, logger=logger,
-                            callbacks=[timer], log_every_n_steps=1)
+    trainer = quiet_trainer(
+        max_epochs=2, limit_train_batches=3, limit_val_batches=2, logger=logger, callbacks=[timer], log_every_n_steps=1
+    )
     trainer.fit(task, datamodule=datamodule)
 
     assert len(timer.epoch_times) == 2 and all(t > 0 for t in timer.epoch_times)

@@ -46,8 +46,10 @@ def backend_of(obj: Any) -> str:
         return "dgl"
     if "torch_geometric" in packages:
         return "pyg"
-    raise TypeError(f"expected a matsciml Batch, a dgl.DGLGraph or a torch_geometric Batch/Data, "
-                    f"got {type(obj).__module__}.{type(obj).__qualname__}")
+    raise TypeError(
+        f"expected a matsciml Batch, a dgl.DGLGraph or a torch_geometric Batch/Data, "
+        f"got {type(obj).__module__}.{type(obj).__qualname__}"
+    )
 
 
 def as_batch(obj: Any) -> Batch:

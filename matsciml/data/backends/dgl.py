@@ -48,15 +48,16 @@ def _import_dgl():
     try:
         import dgl
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("graph_backend='dgl' needs DGL (pip install 'matsciml[dgl]'; DGL 2.1 needs "
-                          "torch <= 2.2.1, see `make test-dgl` and docs/backends.md)") from err
+        raise ImportError(
+            "graph_backend='dgl' needs DGL (pip install 'matsciml[dgl]'; DGL 2.1 needs "
+            "torch <= 2.2.1, see `make test-dgl` and docs/backends.md)"
+        ) from err
     return dgl
 
 
 def check_graph_batch(batch: Batch, backend: str) -> None:
     if batch.point_index is not None:
-        raise ValueError(f"point-cloud batches stay native; {backend} batches are graphs "
-                         "(use representation='graph')")
+        raise ValueError(f"point-cloud batches stay native; {backend} batches are graphs (use representation='graph')")
     if batch.edge_index is None:
         raise ValueError(f"the batch has no edge_index; {backend} batches need the radius graph")
 
@@ -79,8 +80,9 @@ def to_dgl(batch: Batch) -> dgl.DGLGraph:
     dgl = _import_dgl()
     check_graph_batch(batch, "DGL")
     source, destination = batch.edge_index
-    graph = dgl.graph((source, destination), num_nodes=batch.num_atoms, idtype=batch.edge_index.dtype,
-                      device=batch.device)
+    graph = dgl.graph(
+        (source, destination), num_nodes=batch.num_atoms, idtype=batch.edge_index.dtype, device=batch.device
+    )
     graph.set_batch_num_nodes(batch.natoms)
     graph.set_batch_num_edges(edges_per_structure(batch))
     for name, value in batch.items():
@@ -119,7 +121,7 @@ def from_dgl(graph: dgl.DGLGraph) -> Batch:
     first_atoms = ptr[:-1]
     for key, value in graph.ndata.items():
         if key.startswith(GRAPH_PREFIX):
-            name = key[len(GRAPH_PREFIX):]
+            name = key[len(GRAPH_PREFIX) :]
             if K.FIELDS.get(name) is not None and K.FIELDS[name].level == "structure":
                 fields[name] = value[first_atoms]
             continue
@@ -141,7 +143,7 @@ def graph_fields(graph: dgl.DGLGraph) -> dict[str, torch.Tensor]:
     out = {K.NATOMS: natoms}
     for key, value in graph.ndata.items():
         if key.startswith(GRAPH_PREFIX):
-            out[key[len(GRAPH_PREFIX):]] = value[first_atoms]
+            out[key[len(GRAPH_PREFIX) :]] = value[first_atoms]
     return out
 
 

@@ -51,11 +51,20 @@ from matsciml.data.errors import DataError
 from matsciml.data.records import Record, validate_record
 
 #: File suffix -> reader, for ASE formats.
-ASE_SUFFIXES = {".xyz": "extxyz", ".extxyz": "extxyz", ".traj": "traj", ".db": "db", ".json": "db",
-                ".aselmdb": "db"}
+ASE_SUFFIXES = {".xyz": "extxyz", ".extxyz": "extxyz", ".traj": "traj", ".db": "db", ".json": "db", ".aselmdb": "db"}
 #: File-name patterns (case-insensitive) read with pymatgen's ``Structure.from_file``.
-PYMATGEN_PATTERNS = ("*.cif", "*.mcif", "POSCAR*", "CONTCAR*", "*.vasp", "*.poscar", "vasprun*.xml*",
-                     "*.cssr", "*.xsf", "*.res")
+PYMATGEN_PATTERNS = (
+    "*.cif",
+    "*.mcif",
+    "POSCAR*",
+    "CONTCAR*",
+    "*.vasp",
+    "*.poscar",
+    "vasprun*.xml*",
+    "*.cssr",
+    "*.xsf",
+    "*.res",
+)
 #: Frames (or rows) per work unit: large enough to amortise opening a file, small enough to balance.
 FRAMES_PER_UNIT = 256
 TARGETS_FILE = "id_prop.csv"
@@ -150,8 +159,11 @@ def plan_units(source: str | PathLike, task: str, frames_per_unit: int | None = 
 
 def _skipped(relative: Path) -> bool:
     name = relative.name
-    return (any(part.startswith(".") for part in relative.parts) or name == TARGETS_FILE
-            or name.endswith(("-lock", ".lock")))  # database lock files sit beside the data
+    return (
+        any(part.startswith(".") for part in relative.parts)
+        or name == TARGETS_FILE
+        or name.endswith(("-lock", ".lock"))
+    )  # database lock files sit beside the data
 
 
 def _file_units(path: Path, task: str, per_unit: int) -> list[WorkUnit]:
@@ -176,8 +188,10 @@ def _file_units(path: Path, task: str, per_unit: int) -> list[WorkUnit]:
     if count == 0:
         raise DataError(path, "holds no structures")
     stops = [min(start + per_unit, count) for start in range(0, count, per_unit)]
-    return [WorkUnit(str(path), kind, start, stop, offsets and (offsets[start], offsets[stop]))
-            for start, stop in zip(range(0, count, per_unit), stops, strict=True)]
+    return [
+        WorkUnit(str(path), kind, start, stop, offsets and (offsets[start], offsets[stop]))
+        for start, stop in zip(range(0, count, per_unit), stops, strict=True)
+    ]
 
 
 def _extxyz_offsets(path: Path) -> list[int]:
@@ -222,8 +236,9 @@ def _connect(path: Path):
 
     if path.suffix.lower() == ".aselmdb":
         if importlib.util.find_spec("ase_db_backends") is None:
-            raise DataError(path, "reading .aselmdb files needs the ase-db-backends package:"
-                                  " pip install 'matsciml[aselmdb]'")
+            raise DataError(
+                path, "reading .aselmdb files needs the ase-db-backends package: pip install 'matsciml[aselmdb]'"
+            )
         return ase.db.connect(str(path), type="aselmdb", readonly=True, use_lock_file=False)
     return ase.db.connect(str(path), use_lock_file=False)
 
@@ -245,8 +260,7 @@ def read_unit(unit: WorkUnit, task: str | None) -> list[Record]:
     try:
         if unit.relaxation:
             return [_relaxation_record(unit, task)]
-        return [atoms_to_record(atoms, task, None, fid, unit.path, label)
-                for fid, label, atoms in _frames(unit, task)]
+        return [atoms_to_record(atoms, task, None, fid, unit.path, label) for fid, label, atoms in _frames(unit, task)]
     except DataError:
         raise
     except Exception as err:

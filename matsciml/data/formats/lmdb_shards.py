@@ -43,7 +43,12 @@ def _shard_sort_key(path: Path) -> tuple:
 def _open_read(path: Path) -> lmdb.Environment:
     try:
         return lmdb.open(
-            str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
+            str(path),
+            subdir=False,
+            readonly=True,
+            lock=False,
+            readahead=False,
+            meminit=False,
             max_readers=512,
         )
     except lmdb.Error as err:
@@ -89,8 +94,11 @@ def reader(path: str | os.PathLike) -> lmdb.Environment:
 def open_write(path: Path, map_size: int = 1 << 40) -> lmdb.Environment:
     """Create one shard for writing. ``map_size`` is virtual: the file grows as needed."""
     return lmdb.open(
-        str(path), subdir=False, map_size=map_size, meminit=False, lock=False,
-
+        str(path),
+        subdir=False,
+        map_size=map_size,
+        meminit=False,
+        lock=False,
     )
 
 

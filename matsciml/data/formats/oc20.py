@@ -70,9 +70,7 @@ _MAX_DEPTH = 32  # numpy's arrays have at most 64 dimensions; OC20's at most 3
 _END = object()
 
 
-def decode(
-    value: bytes | None, source: str | os.PathLike = "<bytes>", index: int | str = "?"
-) -> dict[str, np.ndarray]:
+def decode(value: bytes | None, source: str | os.PathLike = "<bytes>", index: int | str = "?") -> dict[str, np.ndarray]:
     """Safely unpickle one OC20 record into arrays under matsciml's field names.
 
     The result is not validated (the dataset layer calls
@@ -109,17 +107,19 @@ def decode(
             continue  # PyG 1.x None placeholders, PyG internals, graph fields, extras: never converted
         budget -= _count_elements(raw, budget)
         if budget < 0:
-            raise DataError(source, f"OC20 field {name!r} expands to more than {MAX_RECORD_ELEMENTS} numbers "
-                                    "in this record (repeated references or nesting); the record is refused", index)
+            raise DataError(
+                source,
+                f"OC20 field {name!r} expands to more than {MAX_RECORD_ELEMENTS} numbers "
+                "in this record (repeated references or nesting); the record is refused",
+                index,
+            )
         try:
             array = _to_numpy(raw)
         except (TypeError, ValueError, RuntimeError) as err:
             raise DataError(source, f"OC20 field {name!r} cannot be read as an array: {err}", index) from None
         if array is None or array.dtype.kind not in "biuf":
             if key in K.FIELDS and key not in _IDS:
-                raise DataError(
-                    source, f"OC20 field {name!r} holds a {type(raw).__name__}, not numbers", index
-                )
+                raise DataError(source, f"OC20 field {name!r} holds a {type(raw).__name__}, not numbers", index)
             continue  # string ids and extras such as a dataset name
         (aliased if name in RENAMES else out)[key] = array
     for key, array in aliased.items():

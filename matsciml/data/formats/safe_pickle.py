@@ -270,21 +270,14 @@ def _is_int_tuple(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and all(type(v) is int for v in value)
 
 
-def _view(
-    storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None, metadata: Any
-) -> torch.Tensor:
+def _view(storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None, metadata: Any) -> torch.Tensor:
     """A tensor over ``storage``, refusing views that reach past it (``set_`` would grow it)."""
     if not isinstance(storage, _Storage):
         raise CorruptPickleError("tensor rebuilt from something that is not a loaded storage")
     untyped, dtype = storage.untyped, storage.dtype or dtype  # v3 passes the dtype separately
     if not isinstance(dtype, torch.dtype):
         raise CorruptPickleError("tensor rebuilt without a dtype")
-    if (
-        type(offset) is not int
-        or not _is_int_tuple(size)
-        or not _is_int_tuple(stride)
-        or len(size) != len(stride)
-    ):
+    if type(offset) is not int or not _is_int_tuple(size) or not _is_int_tuple(stride) or len(size) != len(stride):
         raise CorruptPickleError("tensor offset, size or stride malformed")
     if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
         raise CorruptPickleError("tensor offset, size or stride negative")
@@ -351,9 +344,7 @@ def _allowed() -> dict[tuple[str, str], Any]:
         )
     for name in ("BaseStorage", "NodeStorage", "EdgeStorage", "GlobalStorage"):
         table["torch_geometric.data.storage", name] = (
-            PygStorage
-            if name == "GlobalStorage"
-            else _shim(PygStorage, f"torch_geometric.data.storage.{name}")
+            PygStorage if name == "GlobalStorage" else _shim(PygStorage, f"torch_geometric.data.storage.{name}")
         )
     table["munch", "Munch"] = MunchState
     return table

@@ -75,8 +75,9 @@ def decode(value: bytes, source: str | os.PathLike = "<bytes>", index: int | str
         raise DataError(source, "value is not a matsciml record (bad magic bytes)", index)
     if version > CODEC_VERSION:
         raise DataError(
-            source, f"record encoded with codec version {version}; this matsciml reads <= {CODEC_VERSION}"
-            " (upgrade matsciml)", index,
+            source,
+            f"record encoded with codec version {version}; this matsciml reads <= {CODEC_VERSION} (upgrade matsciml)",
+            index,
         )
     buffer = bytearray(value)  # one copy, so the arrays are writable and outlive the transaction
     try:
@@ -117,8 +118,11 @@ def read_metadata(env, source: str | os.PathLike) -> dict | None:
     if meta.get("format") != FORMAT_NAME:
         return None
     if meta.get("schema_version", 0) > SCHEMA_VERSION:
-        raise DataError(source, f"dataset schema version {meta['schema_version']} is newer than this"
-                        f" matsciml reads ({SCHEMA_VERSION}); upgrade matsciml")
+        raise DataError(
+            source,
+            f"dataset schema version {meta['schema_version']} is newer than this"
+            f" matsciml reads ({SCHEMA_VERSION}); upgrade matsciml",
+        )
     return meta
 
 
@@ -227,8 +231,10 @@ class DatasetWriter:
             self._txn = self._env.begin(write=True)
 
     def _current_shard(self) -> dict:
-        full = self.records_per_shard is not None and self._shards and (
-            self._shards[-1]["count"] >= self.records_per_shard
+        full = (
+            self.records_per_shard is not None
+            and self._shards
+            and (self._shards[-1]["count"] >= self.records_per_shard)
         )
         if self._env is None or full:
             self._finish_shard()

@@ -219,8 +219,9 @@ def test_missing_and_empty_inputs(tmp_path):
 
 def test_aselmdb_without_backend_says_what_to_install(inputs, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "ase_db_backends" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ase_db_backends" else real(name, *a)
+    )
     with pytest.raises(DataError, match=r"pip install 'matsciml\[aselmdb\]'"):
         plan_units(inputs["aselmdb"], "s2ef")
 

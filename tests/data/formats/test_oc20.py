@@ -192,9 +192,7 @@ def test_key_gaps_and_wrong_length_are_data_errors(tmp_path):
     wrong = write_raw_lmdb(tmp_path / "wrong.lmdb", {b"0": record, b"length": pickle.dumps(5)})
     with pytest.raises(DataError, match="says 5 records"):
         _length(wrong)
-    bad = write_raw_lmdb(
-        tmp_path / "bad.lmdb", {b"0": record, b"length": pickle.dumps(collections.Counter())}
-    )
+    bad = write_raw_lmdb(tmp_path / "bad.lmdb", {b"0": record, b"length": pickle.dumps(collections.Counter())})
     with pytest.raises(DataError, match=r"bad\.lmdb, record length: .*collections\.Counter"):
         _length(bad)
 
