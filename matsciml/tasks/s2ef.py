@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from matsciml.data import keys as K
 from matsciml.data.backends import as_batch
@@ -183,6 +184,12 @@ class S2EFTask(AtomisticTask):
             if forces.numel():
                 loss = loss + self.force_coefficient * self.loss_fn(forces / scale, target_forces / scale)
                 metrics.update(self.force_metrics(forces.detach(), target_forces))
+        if self.regress_stress and batch.stress is None and self.training and not self.__dict__.get("_said_no_stress"):
+            self.__dict__["_said_no_stress"] = True  # once: a dataset without stress labels says so every batch
+            rank_zero_warn(
+                "matsciml: regress_stress=True but the training batches carry no 'stress' labels; the "
+                "stress loss is skipped for them (structures with labels and a cell still train on it)"
+            )
         if self.regress_stress and "stress" in out and batch.stress is not None:
             volume, has_cell = cell_volumes(batch)
             labelled = has_cell & torch.isfinite(batch.stress).all(dim=2).all(dim=1)

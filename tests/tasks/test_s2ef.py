@@ -1,5 +1,7 @@
 """S2EF task: autograd forces everywhere, masked losses, metrics in eV, one backward, checkpoints."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -375,6 +377,18 @@ def test_stress_loss_masks_structures_without_a_cell_or_labels_and_has_stress_un
     stress_scale = float(task.normalizer.scale) / volume_per_atom  # eV/Å^3
     expected = (predicted - stress[0]).abs().mean() / stress_scale
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_training_without_stress_labels_says_so_once():
+    task = S2EFTask(tiny_egnn(cutoff=5.0), regress_stress=True).double().train()
+    batch = batch_from_atoms([small_bulk()], cutoff=5.0, max_neighbors=None, dtype=torch.float64)
+    batch = batch.replace(energy=torch.zeros(1, dtype=torch.float64), forces=torch.zeros_like(batch.positions))
+    with pytest.warns(UserWarning, match="no 'stress' labels"):
+        loss, metrics = task.step(batch)
+    assert torch.isfinite(loss) and "stress_mae" not in metrics
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not every batch
+        task.step(batch)
 
 
 def test_calculator_on_a_molecule_with_a_stress_trained_task():
