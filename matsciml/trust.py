@@ -128,7 +128,13 @@ def check_checkpoint_classes(path: str | os.PathLike | None, trusted: Iterable[s
         return
     import torch
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # what Lightning reads: no pickled code
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # what Lightning reads: no pickled code
+    except Exception as err:  # torch 2.2 would unpickle it later with weights_only=False: refuse it here
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UntrustedClassError(
+            f"{path}: not a weights-only checkpoint (it holds pickled objects, which matsciml never loads): {reason}"
+        ) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     check_class_paths(hparams or {}, trusted, where=f"{path}: hyper_parameters")
 

@@ -155,6 +155,41 @@ def test_pickled_objects_in_the_weights_are_refused(package, tmp_path):
     assert not marker.exists()
 
 
+def test_oversized_members_are_refused_without_reading_them_whole(package, tmp_path, monkeypatch):
+    from matsciml import export as export_module
+
+    # a zip bomb: 32 MiB of model.json that compresses to a few kB, refused by its declared size
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in package.iterdir():
+            if path.name != MODEL_FILE:
+                archive.write(path, path.name)
+        archive.writestr(MODEL_FILE, b" " * (32 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(ExportError, match=f"{MODEL_FILE} holds {32 << 20} bytes, more than"):
+        load_model(bomb)
+    # a folder member has no declared size: the chunked read stops at the cap
+    monkeypatch.setitem(export_module.MAX_BYTES, MODEL_FILE, 64)
+    with pytest.raises(ExportError, match=MODEL_FILE):
+        load_model(package)
+
+
+def test_overwriting_a_package_always_leaves_one_in_place(run_dir, package, monkeypatch):
+    import shutil
+
+    real_rmtree, removed = shutil.rmtree, []
+
+    def watched(path, *args, **kwargs):  # whatever is deleted, a complete package stays at the destination
+        real_rmtree(path, *args, **kwargs)
+        removed.append(path)
+        load_model(package)
+
+    monkeypatch.setattr(shutil, "rmtree", watched)
+    assert export(run_dir / "checkpoints" / "last.ckpt", package, "--overwrite") == 0
+    assert removed and not [p for p in package.parent.iterdir() if p.name.startswith(".")]
+    load_model(package)
+
+
 def test_missing_files_are_named(package):
     (package / TORCH_FILE).unlink()
     with pytest.raises(ExportError, match="lacks weights"):

@@ -189,6 +189,32 @@ def test_cli_validate_ckpt_path_refuses_then_trusts(cli_checkpoint, tmp_path, us
     assert user_module.exists() and ENV_VAR not in os.environ
 
 
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_cli_test_and_predict_ckpt_path_refuse_unimported(
+    subcommand, cli_checkpoint, tmp_path, user_module, monkeypatch, capsys
+):
+    path = naming_user_classes(cli_checkpoint[0], tmp_path / "user.ckpt", task=True)
+    monkeypatch.chdir(ROOT)
+    assert main([subcommand, *QUICK, f"--ckpt_path={path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]) == 2
+    assert "not trusted" in capsys.readouterr().err
+    assert not user_module.exists() and MODULE not in sys.modules
+
+
+class Payload:
+    """Any object torch.save must pickle: a weights-only load refuses it."""
+
+
+def test_cli_refuses_a_checkpoint_holding_pickled_objects_in_one_line(cli_checkpoint, tmp_path, monkeypatch, capsys):
+    content = torch.load(cli_checkpoint[0], weights_only=True)
+    content["payload"] = Payload()
+    path = tmp_path / "pickled.ckpt"
+    torch.save(content, path)
+    monkeypatch.chdir(ROOT)
+    assert main(["validate", *QUICK, f"--ckpt_path={path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("matsciml: error: ") and "not a weights-only checkpoint" in err and "Traceback" not in err
+
+
 def test_cli_export_and_predict_structures_take_trust_module(checkpoint, tmp_path, user_module, capsys):
     path = naming_user_classes(checkpoint, tmp_path / "user.ckpt")
     assert main(["export", str(path), "--out", str(tmp_path / "m.msml")]) == 2
