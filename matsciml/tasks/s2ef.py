@@ -21,7 +21,7 @@ from matsciml.data import keys as K
 from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
-from matsciml.tasks.base import AtomisticTask, LossName
+from matsciml.tasks.base import AtomisticTask, LossName, SchedulerName
 
 
 @contextmanager
@@ -62,7 +62,8 @@ class S2EFTask(AtomisticTask):
             ``stress`` and a cell; structures without a cell (molecules) still get energy and forces.
         lr, gamma: Adam learning rate and ExponentialLR decay per epoch.
         energy_coefficient, force_coefficient, stress_coefficient: loss weights.
-        statistics, species, element_references, normalize, loss, compile, graph: see :class:`AtomisticTask`.
+        statistics, species, element_references, normalize, loss, compile, graph, huber_delta, scheduler,
+            monitor, plateau_factor, plateau_patience, ema_decay: see :class:`AtomisticTask`.
 
     The energy normaliser shifts by the mean energy per atom (less the element references, if
     any) and scales by the std of the free atoms' force components (so normalised forces have
@@ -94,6 +95,12 @@ class S2EFTask(AtomisticTask):
         loss: LossName = "l1",
         compile: bool | dict[str, Any] = False,
         graph: dict[str, Any] | None = None,
+        huber_delta: float = 1.0,
+        scheduler: SchedulerName = "exponential",
+        monitor: str | None = None,
+        plateau_factor: float = 0.5,
+        plateau_patience: int = 5,
+        ema_decay: float | None = None,
     ):
         if min(energy_coefficient, force_coefficient, stress_coefficient) < 0:
             raise ValueError("loss coefficients must be >= 0")
@@ -110,6 +117,12 @@ class S2EFTask(AtomisticTask):
             loss=loss,
             compile=compile,
             graph=graph,
+            huber_delta=huber_delta,
+            scheduler=scheduler,
+            monitor=monitor,
+            plateau_factor=plateau_factor,
+            plateau_patience=plateau_patience,
+            ema_decay=ema_decay,
         )
         self.energy_coefficient = energy_coefficient
         self.force_coefficient = force_coefficient
@@ -122,6 +135,14 @@ class S2EFTask(AtomisticTask):
         else:
             scale = float(self.energy_statistics(statistics, per_atom=False)["std"])
         return shift, scale if scale > 0 else 1.0
+
+    def validation_metrics(self) -> list[str]:
+        names = super().validation_metrics()
+        if self.regress_forces:
+            names += ["val/force_mae", "val/force_cosine", "val/force_mae_baseline"]
+        if self.regress_stress:
+            names.append("val/stress_mae")
+        return names
 
     @property
     def trains_forces(self) -> bool:
