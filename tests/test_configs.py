@@ -105,6 +105,7 @@ def test_print_config_without_a_config_file(capsys):
     assert "trainer:" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # validate logs to a new version folder
 def test_recipe_options_train_through_the_cli(tmp_path, monkeypatch, capsys):
     """EMA, ReduceLROnPlateau and the Huber loss from the command line; the run's best.ckpt exports."""
     monkeypatch.chdir(ROOT)
@@ -127,5 +128,7 @@ def test_recipe_options_train_through_the_cli(tmp_path, monkeypatch, capsys):
     assert "current_model_state" in checkpoint  # saved by the EMA callback: state_dict holds the average
     (scheduler,) = checkpoint["lr_schedulers"]
     assert "best" in scheduler and "num_bad_epochs" in scheduler  # ReduceLROnPlateau's state
+    # validating the averaged checkpoint: the EMA callback has nothing to restore outside fit, and says nothing
+    assert main(["validate", "--config", str(path), f"--ckpt_path={best}", "--trainer.limit_val_batches=1", logs]) == 0
     run = best.parent.parent
     assert main(["export", str(run), "--which", "best", "--out", str(tmp_path / "best.msml")]) == 0

@@ -23,7 +23,10 @@ class BestCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, monitor: str = TASK_MONITOR, dirpath: str | None = None):
-        super().__init__(dirpath=dirpath, filename="best", monitor=monitor, mode="min", save_top_k=1)
+        # saved after validations only: a run without validation has no best, and says nothing
+        super().__init__(
+            dirpath=dirpath, filename="best", monitor=monitor, mode="min", save_top_k=1, save_on_train_epoch_end=False
+        )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.monitor == TASK_MONITOR:

@@ -80,6 +80,31 @@ def test_checkpoints_hold_the_ema_of_the_weights_and_resuming_keeps_it(tmp_path)
             torch.testing.assert_close(resumed[key][name], value, rtol=1e-5, atol=1e-6)
 
 
+class NormaliserSeen(pl.Callback):
+    """(sanity check?, fitted, scale) of the normaliser the task validates with."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.rows.append((trainer.sanity_checking, bool(pl_module.fitted), float(pl_module.normalizer.scale)))
+
+
+def test_validation_under_ema_uses_the_fitted_normaliser_from_the_sanity_check_on():
+    # Lightning builds the averaged copy before the task fits its normaliser; swapping its buffers in
+    # would validate the sanity check with shift 0, scale 1 (Lightning's own callback does)
+    torch.manual_seed(0)
+    seen = NormaliserSeen()
+    trainer = quiet_trainer(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=1, callbacks=[seen]
+    )
+    task = S2EFTask(tiny_egnn(), ema_decay=DECAY)
+    trainer.fit(task, datamodule=S2EFDataModule.from_devset(batch_size=4, shuffle=False))
+    scale = float(task.normalizer.scale)
+    assert scale != 1.0
+    assert seen.rows == [(True, True, scale), (False, True, scale)]
+
+
 def test_the_calculator_uses_the_averaged_weights(tmp_path):
     task = _fit(tmp_path, max_epochs=1, ema_decay=DECAY)  # ends training holding the average
     loaded = load_task(tmp_path / "checkpoints" / "last.ckpt")
