@@ -62,6 +62,8 @@ class S2EFTask(AtomisticTask):
             ``stress`` and a cell; structures without a cell (molecules) still get energy and forces.
         lr, gamma: Adam learning rate and ExponentialLR decay per epoch.
         energy_coefficient, force_coefficient, stress_coefficient: loss weights.
+        energy_loss: ``"per_atom"`` (default): the energy loss compares energies per atom, so large
+            cells do not dominate; ``"total"``: total energies (both over the energy scale).
         statistics, species, element_references, normalize, loss, compile, graph, huber_delta, scheduler,
             monitor, plateau_factor, plateau_patience, ema_decay: see :class:`AtomisticTask`.
 
@@ -88,6 +90,7 @@ class S2EFTask(AtomisticTask):
         energy_coefficient: float = 1.0,
         force_coefficient: float = 10.0,
         stress_coefficient: float = 1.0,
+        energy_loss: Literal["per_atom", "total"] = "per_atom",
         statistics: dict | None = None,
         species: list[int] | None = None,
         element_references: dict[int, float] | Literal["fit"] | None = None,
@@ -104,6 +107,9 @@ class S2EFTask(AtomisticTask):
     ):
         if min(energy_coefficient, force_coefficient, stress_coefficient) < 0:
             raise ValueError("loss coefficients must be >= 0")
+        if energy_loss not in ("per_atom", "total"):
+            raise ValueError(f"energy_loss must be 'per_atom' or 'total', got {energy_loss!r}")
+        self.energy_loss = energy_loss
         self.regress_forces = regress_forces
         self.regress_stress = regress_stress
         super().__init__(
@@ -195,9 +201,10 @@ class S2EFTask(AtomisticTask):
         dtype = out["energy"].dtype
         scale = self.energy_scale.to(dtype)
         target_energy = batch.energy.to(dtype)
-        # energy loss per atom, so large cells do not dominate
         natoms = batch.natoms.to(dtype)
-        loss = self.energy_coefficient * self.loss_fn(out["energy"] / natoms / scale, target_energy / natoms / scale)
+        # per atom by default, so large cells do not dominate
+        per = natoms if self.energy_loss == "per_atom" else torch.ones_like(natoms)
+        loss = self.energy_coefficient * self.loss_fn(out["energy"] / per / scale, target_energy / per / scale)
         metrics = self.energy_metrics(out["energy"], target_energy, batch)
         if self.regress_forces:
             free = ~batch.fixed if batch.fixed is not None else torch.ones_like(batch.atomic_numbers, dtype=torch.bool)

@@ -188,3 +188,21 @@ def test_best_checkpoint_is_the_lowest_validation_and_loads_from_the_run_folder(
         load_task(tmp_path / "empty", which="best")
     with pytest.raises(ValueError, match="run folder"):
         load_task(tmp_path / "checkpoints" / "best.ckpt", which="last")
+
+
+@pytest.mark.parametrize("energy_loss", ["per_atom", "total"])
+def test_the_energy_loss_is_per_atom_unless_asked_for_totals(energy_loss):
+    datamodule = S2EFDataModule.from_devset(batch_size=4, shuffle=False)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.val_dataloader()))
+    torch.manual_seed(0)
+    task = S2EFTask(tiny_egnn(), regress_forces=False, energy_loss=energy_loss, statistics=datamodule.target_statistics)
+    with torch.no_grad():
+        loss, _ = task.step(batch)
+        energy = task(batch)["energy"]
+    per = batch.natoms.to(energy.dtype) if energy_loss == "per_atom" else 1.0
+    scale = task.energy_scale.to(energy.dtype)
+    expected = (energy / per / scale - batch.energy.to(energy.dtype) / per / scale).abs().mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="energy_loss"):
+        S2EFTask(tiny_egnn(), energy_loss="per_structure")
