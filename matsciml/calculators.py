@@ -25,6 +25,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
+from matsciml.checkpoints import Which
 from matsciml.data.structures import batch_from_atoms
 from matsciml.tasks.base import AtomisticTask
 
@@ -72,7 +73,10 @@ def inference_graph(task: AtomisticTask, max_neighbors: MaxNeighbors = TRAINED) 
 
 
 def load_task(
-    checkpoint: str | os.PathLike, device: str | torch.device = "cpu", trusted_modules: Iterable[str] | None = None
+    checkpoint: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    trusted_modules: Iterable[str] | None = None,
+    which: Which | None = None,
 ) -> AtomisticTask:
     """The task saved in a Lightning checkpoint (CLI or Python), loaded weights-only, in eval mode.
 
@@ -81,13 +85,14 @@ def load_task(
     :mod:`matsciml.trust`).
 
     Args:
-        checkpoint: a ``.ckpt`` from ``matsciml fit`` or a Trainer.
+        checkpoint: a ``.ckpt`` from ``matsciml fit`` or a Trainer, or a run folder of ``matsciml fit``.
         device: where to put the weights.
         trusted_modules: modules besides ``matsciml`` your own task or model classes come from.
+        which: for a run folder, ``"best"`` (``checkpoints/best.ckpt``) or ``"last"`` (default).
     """
     from matsciml.export import task_from_checkpoint
 
-    return task_from_checkpoint(checkpoint, trusted_modules).to(device).eval()
+    return task_from_checkpoint(checkpoint, trusted_modules, which=which).to(device).eval()
 
 
 class MatSciMLCalculator(Calculator):
@@ -135,11 +140,14 @@ class MatSciMLCalculator(Calculator):
         path: str | os.PathLike,
         device: str | torch.device = "cpu",
         trusted_modules: Iterable[str] | None = None,
+        which: Which | None = None,
         **kwargs: Any,
     ) -> MatSciMLCalculator:
-        """A calculator for the task in a Lightning checkpoint (loaded weights-only; classes from
-        ``matsciml`` or ``trusted_modules`` only, see :func:`load_task`)."""
-        return cls(load_task(path, device=device, trusted_modules=trusted_modules), device=device, **kwargs)
+        """A calculator for the task in a Lightning checkpoint or a run folder's ``which`` (``"best"``
+        or ``"last"``) checkpoint (loaded weights-only; classes from ``matsciml`` or
+        ``trusted_modules`` only, see :func:`load_task`)."""
+        task = load_task(path, device=device, trusted_modules=trusted_modules, which=which)
+        return cls(task, device=device, **kwargs)
 
     @classmethod
     def from_package(

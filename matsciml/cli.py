@@ -314,6 +314,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         intended_use=args.intended_use,
         command=args.command,
         config=_step_config(args),
+        which=args.which,
     )
     print(f"matsciml: wrote {out} (record: {out}.step.json)")
 
@@ -331,7 +332,12 @@ def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
 
 def _add_export_command(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="package a checkpoint as weights + JSON + model card (docs/export.md)")
-    export.add_argument("checkpoint", type=Path, help="a checkpoint written by matsciml fit")
+    export.add_argument("checkpoint", type=Path, help="a checkpoint written by matsciml fit, or its run folder")
+    export.add_argument(
+        "--which",
+        choices=("best", "last"),
+        help="for a run folder: checkpoints/best.ckpt (best validation) or last.ckpt (default)",
+    )
     export.add_argument("--out", type=Path, required=True, help="package folder (model.msml), or a .zip file")
     export.add_argument("--zip", action="store_true", help="write a zip whatever --out ends with")
     export.add_argument("--intended-use", help="the card's intended_use text (default: one on the training data)")

@@ -27,6 +27,7 @@ from ase.data import chemical_symbols
 
 from matsciml import provenance
 from matsciml.atomic import replace_path
+from matsciml.checkpoints import Which, checkpoint_path
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.base import AtomisticTask
 from matsciml.trust import resolve_class
@@ -131,9 +132,14 @@ def build_task(description: dict[str, Any], trusted_modules: Iterable[str] | Non
         raise ExportError(f"{MODEL_FILE}: {task_class.__name__} cannot be built: {err}") from err
 
 
-def task_from_checkpoint(path: str | os.PathLike, trusted_modules: Iterable[str] | None = None) -> AtomisticTask:
+def task_from_checkpoint(
+    path: str | os.PathLike, trusted_modules: Iterable[str] | None = None, which: Which | None = None
+) -> AtomisticTask:
     """The task of a Lightning checkpoint, built as a package is (no ``load_from_checkpoint``, whose
-    jsonargparse instantiator would import the checkpoint's class paths), with its weights."""
+    jsonargparse instantiator would import the checkpoint's class paths), with its weights.
+    ``path`` may be a run folder, with ``which`` ``"best"`` or ``"last"``
+    (:func:`matsciml.checkpoints.checkpoint_path`)."""
+    path = checkpoint_path(path, which)
     checkpoint = read_checkpoint(path)
     return _with_weights(build_task(model_description(checkpoint, trusted_modules), trusted_modules), checkpoint, path)
 
@@ -362,17 +368,19 @@ def export_package(
     command: list[str] | None = None,
     config: dict[str, Any] | None = None,
     trusted_modules: Iterable[str] | None = None,
+    which: Which | None = None,
 ) -> Path:
     """Write the package of ``checkpoint`` to ``out`` atomically, with ``<out>.step.json`` beside it.
 
     Args:
+        checkpoint: a ``.ckpt`` file, or a run folder with ``which`` ``"best"`` or ``"last"`` (default).
         as_zip: write a zip; default: when ``out`` ends in ``.zip``.
         overwrite: replace an existing package at ``out`` (never anything else); the old one stays
             in place until the new one is complete, and is swapped for it in one step
             (:func:`matsciml.atomic.replace_path`).
         trusted_modules: modules besides ``matsciml`` the checkpoint's classes may come from.
     """
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = checkpoint_path(checkpoint, which), Path(out)
     as_zip = out.suffix == ".zip" if as_zip is None else as_zip
     # checked before the record exists: a refused export must not replace an existing package's record
     if not checkpoint.is_file():

@@ -36,6 +36,7 @@ from matsciml.provenance import require_clean_checkout
 from matsciml.slurm import job_identity, pin_run_to_job
 from matsciml.step_recorder import StepRecorder
 from matsciml.tasks.base import AtomisticTask
+from matsciml.tasks.best_checkpoint import BestCheckpoint
 from matsciml.tasks.plots import PlotCallback
 from matsciml.tasks.predictions import PredictionWriter
 from matsciml.tasks.report import MetricsReport
@@ -135,8 +136,9 @@ def run(argv: list[str], extra_callbacks: list | None = None) -> None:
         # Lightning's CSVLogger, appending to metrics.csv when a run continues in its folder
         # under --trainer.default_root_dir, else runs/ (its save_dir is filled in before instantiation)
         "logger": {"class_path": "matsciml.loggers.CSVLogger"},
-        # checkpoints/last.ckpt always names the newest checkpoint of a run
-        "callbacks": [ModelCheckpoint(save_last=True), PlotCallback()],  # PNGs: parity plots, learning curve
+        # checkpoints/last.ckpt always names the newest checkpoint of a run, best.ckpt the best
+        # validation by the task's monitor metric; PlotCallback: PNGs, parity plots, learning curve
+        "callbacks": [ModelCheckpoint(save_last=True), BestCheckpoint(), PlotCallback()],
     }
     # LightningCLI reads sys.argv (given args next to a command line earn a warning), so
     # present argv as the command line for the duration of the run.

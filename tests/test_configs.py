@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from matsciml.cli import main
@@ -46,6 +47,7 @@ def test_devset_config_trains_through_the_cli(path, tmp_path, monkeypatch, capsy
     assert "validation metrics after training" in out and "energy MAE" in out
     last = list(tmp_path.rglob("last.ckpt"))
     assert len(last) == 1
+    assert (last[0].parent / "best.ckpt").is_file()  # the best validation by the task's monitor
     # the checkpoint validates and predicts through the CLI as well
     assert (
         main(
@@ -101,3 +103,32 @@ def test_print_config_without_a_config_file(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--print_config"])
     assert "trainer:" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # validate logs to a new version folder
+def test_recipe_options_train_through_the_cli(tmp_path, monkeypatch, capsys):
+    """EMA, ReduceLROnPlateau and the Huber loss from the command line; the run's best.ckpt exports."""
+    monkeypatch.chdir(ROOT)
+    recipe = [
+        "--model.init_args.ema_decay=0.9",
+        "--model.init_args.scheduler=plateau",
+        "--model.init_args.plateau_patience=0",
+        "--model.init_args.loss=huber",
+        "--model.init_args.huber_delta=0.5",
+        "--trainer.max_epochs=2",
+    ]
+    path = ROOT / "configs" / "devset" / "s2ef-egnn.yaml"
+    logs = f"--trainer.logger.init_args.save_dir={tmp_path}"
+    assert main(["fit", "--config", str(path), *QUICK, *recipe, logs]) == 0
+    capsys.readouterr()
+    (best,) = tmp_path.rglob("best.ckpt")
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    assert (hparams["ema_decay"], hparams["scheduler"], hparams["loss"]) == (0.9, "plateau", "huber")
+    assert "current_model_state" in checkpoint  # saved by the EMA callback: state_dict holds the average
+    (scheduler,) = checkpoint["lr_schedulers"]
+    assert "best" in scheduler and "num_bad_epochs" in scheduler  # ReduceLROnPlateau's state
+    # validating the averaged checkpoint: the EMA callback has nothing to restore outside fit, and says nothing
+    assert main(["validate", "--config", str(path), f"--ckpt_path={best}", "--trainer.limit_val_batches=1", logs]) == 0
+    run = best.parent.parent
+    assert main(["export", str(run), "--which", "best", "--out", str(tmp_path / "best.msml")]) == 0

@@ -19,11 +19,17 @@ from matsciml.data.batch import Batch
 from matsciml.data.composition import fit_references, residual_moments
 from matsciml.data.formats.card import COMPOSITION
 from matsciml.models.base import AbstractEnergyModel
+from matsciml.tasks.ema import EMAWeightAveraging
 from matsciml.tasks.normalizers import EnergyNormalizer
 from matsciml.tasks.weighted_mean import WeightedMean
 
-LossName = Literal["l1", "mse"]
-_LOSSES = {"l1": torch.nn.functional.l1_loss, "mse": torch.nn.functional.mse_loss}
+LossName = Literal["l1", "mse", "huber"]
+_LOSSES = {
+    "l1": torch.nn.functional.l1_loss,
+    "mse": torch.nn.functional.mse_loss,
+    "huber": torch.nn.functional.huber_loss,  # with the task's huber_delta
+}
+SchedulerName = Literal["exponential", "plateau"]
 
 
 def _compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:
@@ -79,7 +85,7 @@ class AtomisticTask(pl.LightningModule):
     Args:
         model: the energy model (or its ``{"class_path", "init_args"}`` spec).
         lr: Adam learning rate.
-        gamma: ExponentialLR decay per epoch (Lightning steps it once per epoch).
+        gamma: ExponentialLR decay per epoch (Lightning steps it once per epoch; ``scheduler="exponential"``).
         statistics: target statistics of the training split (``datamodule.target_statistics``,
             linked by the CLI); when ``None``, taken from the trainer's datamodule in ``setup``.
         species: atomic numbers present in the data (linked by the CLI); checked against the
@@ -89,7 +95,8 @@ class AtomisticTask(pl.LightningModule):
             composition sums). Shift and scale are then statistics of the reference-subtracted
             energies, so an untrained model predicts the fit. Total energies only (S2EF).
         normalize: learn in normalised units (shift and scale from ``statistics``).
-        loss: ``"l1"`` (default, as in the paper) or ``"mse"``.
+        loss: ``"l1"`` (default, as in the paper), ``"mse"`` or ``"huber"`` (quadratic below
+            ``huber_delta``, linear above).
         compile: run the energy model through ``torch.compile``: ``True`` (with ``dynamic=True``,
             as graph sizes change every batch) or a dict of ``torch.compile`` keyword arguments
             (``backend``, ``mode``, ...). ``torch.compile`` refuses double backward, so passes that
@@ -98,6 +105,18 @@ class AtomisticTask(pl.LightningModule):
             ``None``, taken from the trainer's datamodule in ``setup("fit")``. Saved in checkpoints
             and exports; the calculator and batch prediction build the same graph (see
             :func:`matsciml.calculators.inference_graph`). ``None`` after training: point clouds.
+        huber_delta: where the Huber loss turns from quadratic to linear, in normalised units (the
+            energy scale: for S2EF the force-component std).
+        scheduler: ``"exponential"`` (ExponentialLR with ``gamma``, per epoch) or ``"plateau"``
+            (ReduceLROnPlateau on ``monitor``: the LR is multiplied by ``plateau_factor`` after
+            ``plateau_patience`` validations without improvement).
+        monitor: the validation metric that ``scheduler="plateau"`` and the best checkpoint
+            (:class:`~matsciml.tasks.best_checkpoint.BestCheckpoint`) follow, lower is better;
+            default ``val/force_mae`` when forces are trained, else ``val/energy_mae``.
+        plateau_factor, plateau_patience: ReduceLROnPlateau's ``factor`` and ``patience``.
+        ema_decay: keep an exponential moving average of the weights with this decay per optimiser
+            step (e.g. 0.999); validation, checkpoints and so exports and calculators use it
+            (:class:`~matsciml.tasks.ema.EMAWeightAveraging`). ``None``: no average.
     """
 
     task: ClassVar[str]
@@ -120,6 +139,12 @@ class AtomisticTask(pl.LightningModule):
         loss: LossName = "l1",
         compile: bool | dict[str, Any] = False,
         graph: dict[str, Any] | None = None,
+        huber_delta: float = 1.0,
+        scheduler: SchedulerName = "exponential",
+        monitor: str | None = None,
+        plateau_factor: float = 0.5,
+        plateau_patience: int = 5,
+        ema_decay: float | None = None,
     ):
         super().__init__()
         if isinstance(model, Mapping):
@@ -132,6 +157,20 @@ class AtomisticTask(pl.LightningModule):
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         if loss not in _LOSSES:
             raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
+        if not huber_delta > 0:
+            raise ValueError(f"huber_delta must be positive (normalised units), got {huber_delta!r}")
+        if scheduler not in ("exponential", "plateau"):
+            raise ValueError(f"scheduler must be 'exponential' or 'plateau', got {scheduler!r}")
+        if not 0 < plateau_factor < 1 or plateau_patience < 0:
+            raise ValueError(
+                f"plateau_factor must be in (0, 1) and plateau_patience >= 0, got {plateau_factor}, {plateau_patience}"
+            )
+        self.huber_delta, self.scheduler = float(huber_delta), scheduler
+        self.plateau_factor, self.plateau_patience = float(plateau_factor), int(plateau_patience)
+        self.monitor = self._check_monitor(monitor)
+        self.ema_decay = ema_decay
+        if ema_decay is not None:
+            EMAWeightAveraging(ema_decay)  # checks the value now, not when training starts
         self.model = model
         self.lr, self.gamma, self.normalize, self.loss_name = lr, gamma, normalize, loss
         self.compile_options = _compile_options(compile)
@@ -260,6 +299,8 @@ class AtomisticTask(pl.LightningModule):
         return {"energy": self.energy(as_batch(batch))}
 
     def loss_fn(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.loss_name == "huber":
+            return torch.nn.functional.huber_loss(prediction, target, delta=self.huber_delta)
         return _LOSSES[self.loss_name](prediction, target)
 
     @property
@@ -267,10 +308,33 @@ class AtomisticTask(pl.LightningModule):
         return self.normalizer.scale
 
     # -- optimisation ------------------------------------------------------------------
+    def validation_metrics(self) -> list[str]:
+        """The names this task logs in validation (``val/<name>``), for ``monitor``."""
+        return ["val/loss", "val/energy_mae", "val/energy_per_atom_mae", "val/energy_mae_baseline"]
+
+    def _check_monitor(self, monitor: str | None) -> str:
+        logged = self.validation_metrics()
+        if monitor is None:
+            return "val/force_mae" if "val/force_mae" in logged else "val/energy_mae"
+        if monitor not in logged:
+            raise ValueError(f"monitor {monitor!r} is not a metric this task logs; choose one of {logged}")
+        return monitor
+
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        if self.scheduler == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=self.plateau_factor, patience=self.plateau_patience
+            )
+            # stepped after each validation with the monitored value; Lightning says so if it is missing
+            lr_scheduler = {"scheduler": plateau, "monitor": self.monitor, "interval": "epoch"}
+        else:
+            exponential = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.gamma)
+            lr_scheduler = {"scheduler": exponential, "interval": "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [] if self.ema_decay is None else [EMAWeightAveraging(self.ema_decay)]
 
     # -- steps -------------------------------------------------------------------------
     def step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:

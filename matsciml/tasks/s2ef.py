@@ -21,7 +21,7 @@ from matsciml.data import keys as K
 from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
-from matsciml.tasks.base import AtomisticTask, LossName
+from matsciml.tasks.base import AtomisticTask, LossName, SchedulerName
 
 
 @contextmanager
@@ -62,7 +62,10 @@ class S2EFTask(AtomisticTask):
             ``stress`` and a cell; structures without a cell (molecules) still get energy and forces.
         lr, gamma: Adam learning rate and ExponentialLR decay per epoch.
         energy_coefficient, force_coefficient, stress_coefficient: loss weights.
-        statistics, species, element_references, normalize, loss, compile, graph: see :class:`AtomisticTask`.
+        energy_loss: ``"per_atom"`` (default): the energy loss compares energies per atom, so large
+            cells do not dominate; ``"total"``: total energies (both over the energy scale).
+        statistics, species, element_references, normalize, loss, compile, graph, huber_delta, scheduler,
+            monitor, plateau_factor, plateau_patience, ema_decay: see :class:`AtomisticTask`.
 
     The energy normaliser shifts by the mean energy per atom (less the element references, if
     any) and scales by the std of the free atoms' force components (so normalised forces have
@@ -87,6 +90,7 @@ class S2EFTask(AtomisticTask):
         energy_coefficient: float = 1.0,
         force_coefficient: float = 10.0,
         stress_coefficient: float = 1.0,
+        energy_loss: Literal["per_atom", "total"] = "per_atom",
         statistics: dict | None = None,
         species: list[int] | None = None,
         element_references: dict[int, float] | Literal["fit"] | None = None,
@@ -94,9 +98,18 @@ class S2EFTask(AtomisticTask):
         loss: LossName = "l1",
         compile: bool | dict[str, Any] = False,
         graph: dict[str, Any] | None = None,
+        huber_delta: float = 1.0,
+        scheduler: SchedulerName = "exponential",
+        monitor: str | None = None,
+        plateau_factor: float = 0.5,
+        plateau_patience: int = 5,
+        ema_decay: float | None = None,
     ):
         if min(energy_coefficient, force_coefficient, stress_coefficient) < 0:
             raise ValueError("loss coefficients must be >= 0")
+        if energy_loss not in ("per_atom", "total"):
+            raise ValueError(f"energy_loss must be 'per_atom' or 'total', got {energy_loss!r}")
+        self.energy_loss = energy_loss
         self.regress_forces = regress_forces
         self.regress_stress = regress_stress
         super().__init__(
@@ -110,6 +123,12 @@ class S2EFTask(AtomisticTask):
             loss=loss,
             compile=compile,
             graph=graph,
+            huber_delta=huber_delta,
+            scheduler=scheduler,
+            monitor=monitor,
+            plateau_factor=plateau_factor,
+            plateau_patience=plateau_patience,
+            ema_decay=ema_decay,
         )
         self.energy_coefficient = energy_coefficient
         self.force_coefficient = force_coefficient
@@ -122,6 +141,14 @@ class S2EFTask(AtomisticTask):
         else:
             scale = float(self.energy_statistics(statistics, per_atom=False)["std"])
         return shift, scale if scale > 0 else 1.0
+
+    def validation_metrics(self) -> list[str]:
+        names = super().validation_metrics()
+        if self.regress_forces:
+            names += ["val/force_mae", "val/force_cosine", "val/force_mae_baseline"]
+        if self.regress_stress:
+            names.append("val/stress_mae")
+        return names
 
     @property
     def trains_forces(self) -> bool:
@@ -174,9 +201,10 @@ class S2EFTask(AtomisticTask):
         dtype = out["energy"].dtype
         scale = self.energy_scale.to(dtype)
         target_energy = batch.energy.to(dtype)
-        # energy loss per atom, so large cells do not dominate
         natoms = batch.natoms.to(dtype)
-        loss = self.energy_coefficient * self.loss_fn(out["energy"] / natoms / scale, target_energy / natoms / scale)
+        # per atom by default, so large cells do not dominate
+        per = natoms if self.energy_loss == "per_atom" else torch.ones_like(natoms)
+        loss = self.energy_coefficient * self.loss_fn(out["energy"] / per / scale, target_energy / per / scale)
         metrics = self.energy_metrics(out["energy"], target_energy, batch)
         if self.regress_forces:
             free = ~batch.fixed if batch.fixed is not None else torch.ones_like(batch.atomic_numbers, dtype=torch.bool)

@@ -187,7 +187,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="gamma"):
         S2EFTask(tiny_egnn(), gamma=1.5)
     with pytest.raises(ValueError, match="loss must be one of"):
-        S2EFTask(tiny_egnn(), loss="huber")
+        S2EFTask(tiny_egnn(), loss="log_cosh")
     with pytest.raises(TypeError, match="AbstractEnergyModel"):
         S2EFTask(torch.nn.Linear(2, 2))
 

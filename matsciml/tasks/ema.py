@@ -1,0 +1,61 @@
+"""An exponential moving average of a task's weights, for validation, checkpoints and export.
+
+Built on Lightning's :class:`~lightning.pytorch.callbacks.EMAWeightAveraging`: after every
+optimiser step ``ema = decay * ema + (1 - decay) * weights`` (the first step copies). Validation
+runs on the average (the weights are swapped in and back), every checkpoint's ``state_dict`` holds
+the average (the raw weights go to ``current_model_state``, so resuming continues both), and the
+task ends training holding the average. So the calculator and ``matsciml export``, which read
+``state_dict``, use the averaged weights.
+
+Buffers are never averaged: the normaliser's shift, scale, references and flags (``fitted``,
+``per_atom``) are the task's constants, and Lightning builds the averaged copy in the callbacks'
+``setup``, before the task's ``setup`` fits the normaliser. They are copied from the live task
+before every swap and save instead.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMA
+
+
+class EMAWeightAveraging(_LightningEMA):
+    """Keep an exponential moving average of the parameters (``AtomisticTask(ema_decay=...)`` adds it).
+
+    Args:
+        decay: weight of the running average at each optimiser step, in ``[0, 1)``; 0.999 averages
+            over roughly the last 1000 steps.
+        device: where the averaged copy lives (default: with the task).
+    """
+
+    def __init__(self, decay: float = 0.999, device: str | None = None):
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1:
+            raise ValueError(f"ema_decay must be a number in [0, 1), got {decay!r}")
+        super().__init__(device=device, use_buffers=False, decay=float(decay))
+        self.decay = float(decay)
+
+    def _copy_buffers(self, pl_module: pl.LightningModule) -> None:
+        """The averaged copy takes the task's buffers (constants: never averaged)."""
+        if self._average_model is None:
+            return
+        with torch.no_grad():
+            for average, current in zip(self._average_model.module.buffers(), pl_module.buffers(), strict=False):
+                average.copy_(current)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._copy_buffers(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._copy_buffers(pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._copy_buffers(pl_module)
+        super().on_train_end(trainer, pl_module)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self._average_model is None:
+            return  # validate/test/predict: the checkpoint's state_dict already holds the average
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
