@@ -39,9 +39,11 @@ class EMAWeightAveraging(_LightningEMA):
         """The averaged copy takes the task's buffers (constants: never averaged)."""
         if self._average_model is None:
             return
+        current = dict(pl_module.named_buffers())  # by name: the live task may have gained modules since the copy
         with torch.no_grad():
-            for average, current in zip(self._average_model.module.buffers(), pl_module.buffers(), strict=False):
-                average.copy_(current)
+            for name, average in self._average_model.module.named_buffers():
+                if name in current:
+                    average.copy_(current[name])
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._copy_buffers(pl_module)
