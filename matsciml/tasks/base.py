@@ -17,10 +17,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
 from matsciml.data.composition import fit_references, residual_moments
-from matsciml.data.formats.card import COMPOSITION
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.ema import EMAWeightAveraging
 from matsciml.tasks.normalizers import EnergyNormalizer
+from matsciml.tasks.options import check_references, compile_options, composition_sums, graph_record
 from matsciml.tasks.weighted_mean import WeightedMean
 
 LossName = Literal["l1", "mse", "huber"]
@@ -30,53 +30,6 @@ _LOSSES = {
     "huber": torch.nn.functional.huber_loss,  # with the task's huber_delta
 }
 SchedulerName = Literal["exponential", "plateau"]
-
-
-def _compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:
-    if compile is False or compile is None:
-        return None
-    if compile is True:
-        return {"dynamic": True}
-    if isinstance(compile, Mapping):
-        return {"dynamic": True, **compile}
-    raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
-
-
-def _graph_record(graph: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"cutoff": float, "max_neighbors": int | None}``, checked."""
-    if not isinstance(graph, Mapping) or set(graph) != {"cutoff", "max_neighbors"}:
-        raise ValueError(f"graph must be a dict with keys 'cutoff' and 'max_neighbors', got {graph!r}")
-    cutoff, cap = graph["cutoff"], graph["max_neighbors"]
-    if isinstance(cutoff, bool) or not isinstance(cutoff, int | float) or cutoff <= 0:
-        raise ValueError(f"graph.cutoff must be a positive number of Å, got {cutoff!r}")
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-        raise ValueError(f"graph.max_neighbors must be a positive integer or None, got {cap!r}")
-    return {"cutoff": float(cutoff), "max_neighbors": cap}
-
-
-def _check_references(references: Any, extensive: bool, energy_key: str) -> Mapping[int, float] | str | None:
-    if references is None or (isinstance(references, Mapping) and not references):
-        return None
-    if not extensive:
-        # adsorption energies are already differences against the clean slab and gas-phase
-        # references; a composition term would make them grow with the slab's size
-        raise ValueError(
-            f"element_references apply to total energies (S2EF); {energy_key!r} is an adsorption "
-            "energy, already referenced to the slab and gas phase: leave element_references unset"
-        )
-    if references == "fit" or isinstance(references, Mapping):
-        return references
-    raise TypeError(f"element_references must be a dict atomic number -> eV or 'fit', got {references!r}")
-
-
-def _composition(statistics: Mapping[str, Any]) -> Mapping[str, Any]:
-    if COMPOSITION not in statistics:
-        raise ValueError(
-            f"element references need the training statistics' {COMPOSITION!r} sums, which these "
-            "statistics lack; pass datamodule.target_statistics of a matsciml data module "
-            "(it recomputes old cards)"
-        )
-    return statistics[COMPOSITION]
 
 
 class AtomisticTask(pl.LightningModule):
@@ -173,11 +126,11 @@ class AtomisticTask(pl.LightningModule):
             EMAWeightAveraging(ema_decay)  # checks the value now, not when training starts
         self.model = model
         self.lr, self.gamma, self.normalize, self.loss_name = lr, gamma, normalize, loss
-        self.compile_options = _compile_options(compile)
+        self.compile_options = compile_options(compile)
         self.species = None if species is None else sorted(int(z) for z in species)
-        self.graph = None if graph is None else _graph_record(graph)
+        self.graph = None if graph is None else graph_record(graph)
         self._check_species()
-        self.element_references = _check_references(element_references, self.extensive, self.energy_key)
+        self.element_references = check_references(element_references, self.extensive, self.energy_key)
         given = None if element_references == "fit" else element_references
         self.normalizer = EnergyNormalizer(per_atom=self.extensive, element_references=given)
         # the training-mean energy, for the mean-energy baseline metric (eV)
@@ -200,7 +153,7 @@ class AtomisticTask(pl.LightningModule):
         references = self.normalizer.reference_energies()
         if not references:
             return statistics[f"{self.energy_key}_per_atom" if per_atom else self.energy_key]
-        return residual_moments(_composition(statistics)["per_atom" if per_atom else "total"], references)
+        return residual_moments(composition_sums(statistics)["per_atom" if per_atom else "total"], references)
 
     def fit_normalizer(self, statistics: Mapping[str, Any]) -> None:
         """Set the normaliser (and the mean-energy baseline) from training statistics."""
@@ -208,7 +161,7 @@ class AtomisticTask(pl.LightningModule):
             raise ValueError(f"statistics have no {self.energy_key!r} entry (keys: {sorted(statistics)})")
         self.mean_energy.fill_(float(statistics[self.energy_key]["mean"]))
         if self.element_references == "fit":
-            self.normalizer.set_references(fit_references(_composition(statistics)))
+            self.normalizer.set_references(fit_references(composition_sums(statistics)))
         if self.normalize:
             shift, scale = self.normalizer_settings(statistics)
             self.normalizer.shift.fill_(shift)
@@ -251,7 +204,7 @@ class AtomisticTask(pl.LightningModule):
 
     def _record_graph(self, datamodule: Any) -> None:
         """Keep the data's graph settings in the hyper-parameters (so in checkpoints and exports)."""
-        data_graph = _graph_record({"cutoff": datamodule.cutoff, "max_neighbors": datamodule.max_neighbors})
+        data_graph = graph_record({"cutoff": datamodule.cutoff, "max_neighbors": datamodule.max_neighbors})
         if self.graph is not None and self.graph != data_graph:
             raise ValueError(
                 f"the task was trained on radius graphs {self.graph} but the data module builds "

@@ -1,0 +1,58 @@
+"""A task's settings, checked and put in the form the task keeps (one place for their errors)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from matsciml.data.formats.card import COMPOSITION
+
+
+def compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:
+    """``torch.compile`` keyword arguments for the task's ``compile`` setting (``None``: eager)."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return {"dynamic": True}
+    if isinstance(compile, Mapping):
+        return {"dynamic": True, **compile}
+    raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
+
+
+def graph_record(graph: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"cutoff": float, "max_neighbors": int | None}``, checked."""
+    if not isinstance(graph, Mapping) or set(graph) != {"cutoff", "max_neighbors"}:
+        raise ValueError(f"graph must be a dict with keys 'cutoff' and 'max_neighbors', got {graph!r}")
+    cutoff, cap = graph["cutoff"], graph["max_neighbors"]
+    if isinstance(cutoff, bool) or not isinstance(cutoff, int | float) or cutoff <= 0:
+        raise ValueError(f"graph.cutoff must be a positive number of Å, got {cutoff!r}")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"graph.max_neighbors must be a positive integer or None, got {cap!r}")
+    return {"cutoff": float(cutoff), "max_neighbors": cap}
+
+
+def check_references(references: Any, extensive: bool, energy_key: str) -> Mapping[int, float] | str | None:
+    """The ``element_references`` setting, checked: ``None``, a dict of eV per atomic number, or ``"fit"``."""
+    if references is None or (isinstance(references, Mapping) and not references):
+        return None
+    if not extensive:
+        # adsorption energies are already differences against the clean slab and gas-phase
+        # references; a composition term would make them grow with the slab's size
+        raise ValueError(
+            f"element_references apply to total energies (S2EF); {energy_key!r} is an adsorption "
+            "energy, already referenced to the slab and gas phase: leave element_references unset"
+        )
+    if references == "fit" or isinstance(references, Mapping):
+        return references
+    raise TypeError(f"element_references must be a dict atomic number -> eV or 'fit', got {references!r}")
+
+
+def composition_sums(statistics: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The card's composition sums that element references are fitted from (a clear error if absent)."""
+    if COMPOSITION not in statistics:
+        raise ValueError(
+            f"element references need the training statistics' {COMPOSITION!r} sums, which these "
+            "statistics lack; pass datamodule.target_statistics of a matsciml data module "
+            "(it recomputes old cards)"
+        )
+    return statistics[COMPOSITION]
