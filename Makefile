@@ -44,7 +44,7 @@ $(STAMP_DGL): pyproject.toml .ci/constraints-dgl.txt
 	  nvidia-cusparse-cu12==12.1.0.106 nvidia-nccl-cu12==2.19.3 nvidia-nvtx-cu12==12.1.105 \
 	  nvidia-nvjitlink-cu12 $(NOISE)
 	$(PIP_DGL) --no-deps dgl==2.1.0 torchdata==0.7.1 pytorch-lightning torchmetrics lightning-utilities \
-	  lightning geometric-algebra-attention $(NOISE)
+	  lightning geometric-algebra-attention e3nn==0.6.0 opt-einsum-fx opt-einsum $(NOISE)
 	$(PIP_DGL) 'numpy<2' scipy 'networkx>=2.1' requests tqdm psutil pandas pydantic packaging pyyaml \
 	  'fsspec[http]' filelock 'typing-extensions>=4.8' sympy jinja2 $(NOISE)
 	$(PIP_DGL) vesin==0.4.2 'jsonargparse[signatures]' lmdb ase pymatgen rich pytest pytest-xdist $(NOISE)
