@@ -1,6 +1,6 @@
 """The ``matsciml`` command line.
 
-Data subcommands (``data info|check|convert``, ``devset build|synthetic``) are plain
+Data subcommands (``data info|check|convert``, ``devset build|md|synthetic``) are plain
 argparse; heavy modules are imported only by the subcommand that needs them, so
 ``matsciml --help`` answers at once.
 """
@@ -104,6 +104,21 @@ def _cmd_devset_build(args: argparse.Namespace) -> None:
             )
 
 
+def _cmd_devset_md(args: argparse.Namespace) -> None:
+    from matsciml.data.fingerprint import dataset_digest
+    from matsciml.data.md_devset import build_md_devset
+    from matsciml.provenance import dataset_record, recorded
+
+    frames = {split: getattr(args, f"frames_{split}") for split in ("train", "val", "test")}
+    # beside the devset (devsets/md.step.json), as its three splits move into place together at the end
+    with recorded(dataset_record(args.out, "devset md", args.command, _step_config(args))) as record:
+        frames_given = {split: count for split, count in frames.items() if count}
+        build_md_devset(args.out, args.seed, args.overwrite, frames_given, workers=args.workers)
+        for split in frames:
+            path = args.out / split
+            record.add_output(f"dataset:md/{split}", path, kind="dataset", digest=dataset_digest(path))
+
+
 def _cmd_devset_synthetic(args: argparse.Namespace) -> None:
     from matsciml.data.fingerprint import dataset_digest
     from matsciml.data.synthetic import write_synthetic
@@ -137,7 +152,7 @@ def _cmd_hpo(args: argparse.Namespace) -> None:
 
 def _add_dataset_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="?", help="dataset directory or .lmdb file")
-    parser.add_argument("--devset", metavar="TASK[/SPLIT]", help="a shipped devset: s2ef or is2re")
+    parser.add_argument("--devset", metavar="NAME[/SPLIT]", help="a shipped devset: s2ef, is2re or md")
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
 
 
@@ -203,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workers", type=_positive, help="parallel EMT processes (default: one per core, up to 4)")
     build.add_argument("--overwrite", action="store_true")
     build.set_defaults(func=_cmd_devset_build)
+
+    md = devset_commands.add_parser("md", help="regenerate the shipped MD devset: liquid CuPdAu frames (ASE EMT)")
+    md.add_argument("--out", type=Path, default=Path("devsets/md"), help="output folder (default: devsets/md)")
+    md.add_argument("--seed", type=int, default=0)
+    for split, count in (("train", 130), ("val", 30), ("test", 50)):
+        md.add_argument(f"--frames-{split}", type=_positive, help=f"frames in {split} (default: {count})")
+    md.add_argument("--workers", type=_positive, help="parallel EMT processes (default: one per core, up to 4)")
+    md.add_argument("--overwrite", action="store_true")
+    md.set_defaults(func=_cmd_devset_md)
 
     synthetic = devset_commands.add_parser("synthetic", help="write N random OC20-sized structures, fast")
     synthetic.add_argument("destination", type=Path)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from matsciml.data.batch import collate
 from matsciml.data.datasets import IS2REDataset, LMDBDataset, S2EFDataset, Transform
-from matsciml.data.devsets import devset_path
+from matsciml.data.devsets import DEVSETS, devset_path
 from matsciml.data.formats.card import DatasetStatistics, stale_statistics
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.pointcloud import DEFAULT_NUM_SPECIES, DEFAULT_NUM_SUBSURFACE, PointCloudCollate, PointCloudSample
@@ -129,9 +129,25 @@ class AtomisticDataModule(pl.LightningDataModule):
         self.save_hyperparameters(ignore=["transforms"])
 
     @classmethod
-    def from_devset(cls, batch_size: int = 8, num_workers: int = 0, **kwargs) -> AtomisticDataModule:
-        """The shipped devset of this task (train/val/test; predict on test)."""
-        paths = {f"{split}_path": devset_path(cls.task, split) for split in ("train", "val", "test")}
+    def from_devset(
+        cls, batch_size: int = 8, num_workers: int = 0, devset: str | None = None, **kwargs
+    ) -> AtomisticDataModule:
+        """A shipped devset (train/val/test; predict on test): this task's, or ``devset``.
+
+        Args:
+            devset: a devset of this task's format (see ``matsciml.data.devsets.DEVSETS``),
+                e.g. ``"md"`` for S2EF; default: the one named after the task.
+
+        Raises:
+            ValueError: ``devset`` is unknown or holds another task's records.
+        """
+        devset = cls.task if devset is None else devset
+        if DEVSETS.get(devset, cls.task) != cls.task:
+            raise ValueError(
+                f"devset {devset!r} holds {DEVSETS[devset]} records; {cls.__name__} reads"
+                f" {cls.task}: choose one of {tuple(n for n, t in DEVSETS.items() if t == cls.task)}"
+            )
+        paths = {f"{split}_path": devset_path(devset, split) for split in ("train", "val", "test")}
         paths["predict_path"] = paths["test_path"]
         return cls(**{**paths, **kwargs}, batch_size=batch_size, num_workers=num_workers)
 
