@@ -58,7 +58,7 @@ from matsciml.data.progress import progress_bar
 from matsciml.data.records import Record
 
 COMPOSITION = {"Cu": 48, "Pd": 16, "Au": 16}
-#: Å^3 per atom: EMT's mean pressure over the 1500 K liquid is about 0 GPa (measured -0.5 +- 1.2).
+#: Å^3 per atom: EMT's pressure in the 1500 K liquid is near 0 (-1.0 +- 1.1 GPa over the shipped frames).
 VOLUME_PER_ATOM = 16.7
 TEMPERATURE = 1500.0  # K
 MELT_TEMPERATURE = 2500.0  # K, erases the starting lattice
