@@ -13,6 +13,7 @@ from matsciml.data.devsets import DEVSET_SPLITS, devset_path
 from matsciml.data.formats.card import stale_statistics
 from matsciml.data.md_devset import DEFAULT_FRAMES, build_md_devset, frame_correlation, trajectory_plan
 from matsciml.data.records import validate_record
+from matsciml.provenance import load_schema
 
 ELEMENTS = {29, 46, 79}  # Cu, Pd, Au
 SMALL = ["--frames-train", "3", "--frames-val", "2", "--frames-test", "2"]
@@ -49,6 +50,8 @@ def test_command_builds_the_small_set_and_records_the_step(small):
         f"dataset:md/{split}": cards[0]["content_hash"] for split, (_, cards) in built.items()
     }
     assert not [p for p in out.parent.iterdir() if "partial" in p.name]
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (the test extra has it)")
+    jsonschema.validate(step, load_schema(), format_checker=jsonschema.FormatChecker())
 
 
 def test_same_seed_gives_identical_records_for_any_worker_count(small, tmp_path):
