@@ -69,7 +69,10 @@ def fit_references(summary: Mapping) -> dict[int, float]:
     norm ``sum_Z N_Z ref_Z^2``, so the shift (the residual mean, which the normaliser takes) is
     the typical energy per atom, and an element missing from the training data - reference
     zero - gets it rather than no energy at all. Elements that never vary independently make
-    the equations singular; ``lstsq`` then still returns that least-norm solution.
+    the equations singular; the least-norm solution then gives those directions nothing. As
+    the centred sums are differences of large numbers, directions whose variance is at the
+    level of rounding (every record of one composition: the whole matrix) count as singular
+    too, judged against the uncentred sums, so that rounding noise is not fitted as references.
     """
     rows = summary["per_atom"]
     count = rows["count"]
@@ -81,7 +84,12 @@ def fit_references(summary: Mapping) -> dict[int, float]:
     cxt = np.asarray(rows["xt"]) - count * x_mean * t_mean
     atoms = dict(zip(summary["total"]["elements"], summary["total"]["x"], strict=True))
     root = np.sqrt(np.asarray([atoms[z] for z in rows["elements"]]) / sum(atoms.values()))
-    solution = np.linalg.lstsq(cxx / np.outer(root, root), cxt / root, rcond=None)[0] / root
+    scaled = cxx / np.outer(root, root)
+    eigenvalues, vectors = np.linalg.eigh((scaled + scaled.T) / 2)
+    # relative to the uncentred second moments: what centring leaves below this is rounding
+    noise = 1e-9 * np.linalg.eigvalsh(np.asarray(rows["xx"]) / np.outer(root, root)).max()
+    kept = vectors[:, eigenvalues > noise]
+    solution = kept @ ((kept.T @ (cxt / root)) / eigenvalues[eigenvalues > noise]) / root
     return {int(z): float(r) for z, r in zip(rows["elements"], solution, strict=True)}
 
 

@@ -229,3 +229,23 @@ def test_card_statistics_leave_out_fixed_atoms_and_give_the_composition_fit():
     for z, ref in truth.items():
         assert fitted[z] + residual["mean"] == pytest.approx(ref, abs=0.01)
     assert residual["std"] < 0.01
+
+
+def test_reference_fit_of_one_composition_is_zero_not_rounding_noise():
+    """Every record Cu48Pd16Au16 (the MD devset, DFT MD of one compound): the centred equations
+    are zero up to rounding, and the fit must not turn that rounding into references of an eV."""
+    import numpy as np
+
+    from matsciml.data.composition import fit_references
+    from matsciml.data.formats.card import COMPOSITION, DatasetStatistics
+
+    rng = np.random.default_rng(0)
+    numbers = np.array([29] * 48 + [46] * 16 + [79] * 16)
+    stats = DatasetStatistics("s2ef")
+    for _ in range(130):
+        energy = 32.0 + rng.normal(0, 1.0)
+        forces = rng.normal(size=(80, 3))
+        record = {"natoms": np.int64(80), "atomic_numbers": rng.permutation(numbers), "energy": np.float64(energy)}
+        stats.add({**record, "forces": forces, "fixed": np.zeros(80, dtype=bool)})
+    fitted = fit_references(stats.summary()["statistics"][COMPOSITION])
+    assert max(abs(value) for value in fitted.values()) < 1e-6, fitted
