@@ -1,7 +1,11 @@
 """An exponential moving average of a task's weights, for validation, checkpoints and export.
 
 Built on Lightning's :class:`~lightning.pytorch.callbacks.EMAWeightAveraging`: after every
-optimiser step ``ema = decay * ema + (1 - decay) * weights`` (the first step copies). Validation
+optimiser step ``ema = d * ema + (1 - d) * weights`` (the first step copies), with a warm-up
+``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates. Without it a fraction ``decay^n`` of
+the random initial weights stays in the average (79 % after 230 steps at 0.999), so the best
+checkpoint of a short run was barely trained; with it the average follows the early,
+fast-moving weights and reaches the full ``decay`` after about 9000 steps at 0.999. Validation
 runs on the average (the weights are swapped in and back), every checkpoint's ``state_dict`` holds
 the average (the raw weights go to ``current_model_state``, so resuming continues both), and the
 task ends training holding the average. So the calculator and ``matsciml export``, which read
@@ -34,6 +38,7 @@ class EMAWeightAveraging(_LightningEMA):
             raise ValueError(f"ema_decay must be a number in [0, 1), got {decay!r}")
         super().__init__(device=device, use_buffers=False, decay=float(decay))
         self.decay = float(decay)
+        self._kwargs["avg_fn"] = warmed_up_ema(self.decay)  # replaces Lightning's fixed-decay average
 
     def _copy_buffers(self, pl_module: pl.LightningModule) -> None:
         """The averaged copy takes the task's buffers (constants: never averaged)."""
@@ -61,3 +66,18 @@ class EMAWeightAveraging(_LightningEMA):
         if self._average_model is None:
             return  # validate/test/predict: the checkpoint's state_dict already holds the average
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
+def warmed_up_ema(decay: float):
+    """``AveragedModel``'s averaging function: ``d * ema + (1 - d) * current``, ``d = min(decay, (1 + n) / (10 + n))``.
+
+    ``n`` is the number of updates so far (``AveragedModel.n_averaged``: 1 at the first average
+    after the copy); it stays a tensor, so a GPU run does not wait for it every step.
+    """
+
+    def average(ema: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor | int) -> torch.Tensor:
+        n = torch.as_tensor(num_averaged, dtype=ema.dtype, device=ema.device)
+        step_decay = torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+        return ema + (current - ema) * (1.0 - step_decay)
+
+    return average
