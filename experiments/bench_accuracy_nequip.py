@@ -148,7 +148,7 @@ def predict(run_dir: Path, frames: Path, out: Path) -> None:
     for atoms in ase.io.iread(frames, index=":"):
         atoms.calc = calc
         energies.append(atoms.get_potential_energy())
-        forces.append(atoms.get_forces())
+        forces.append(atoms.get_forces(apply_constraint=False))  # fixed atoms too, unzeroed
     last = torch.load(run_dir / CHECKPOINTS / "last.ckpt", map_location="cpu", weights_only=False)
     np.savez(
         out,
