@@ -42,7 +42,8 @@ def nequip_config(
         max_time: Lightning's wall-clock limit of training, ``"DD:HH:MM:SS"``.
         cutoff: r_max in Å.
         per_type_scales: per-type force RMS as energy scales (nequip's recommendation); ``False``
-            (an element of the val/test splits is absent from training, so it has no RMS): the global one.
+            (an element of the val/test splits is absent from training: nequip's RMS for it is NaN,
+            checked): the global one.
         seed: data and model seed.
     """
     species_map = {name: name for name in type_names}
