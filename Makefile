@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's index configuration on some machines names folders that do not exist; its warnings are noise.
 PIP := $(BIN)/pip install -q --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test test-dgl test-pyg lint venv clean-venv
+.PHONY: demo test test-dgl test-pyg lint venv venv-nequip clean-venv
 
 venv: $(STAMP)
 
@@ -73,6 +73,22 @@ $(STAMP_PYG): pyproject.toml constraints.txt
 
 test-pyg: $(STAMP_PYG)
 	$(BIN_PYG)/python -m pytest -n 2 -p no:cacheprovider -m requires_pyg tests
+
+# nequip 0.19.1 for experiments/bench_accuracy.py, in its own environment (.venv-nequip): it is a
+# peer we measure against, not a dependency, so its packages (hydra, matscipy, ...) stay out of .venv.
+VENV_NEQUIP ?= .venv-nequip
+BIN_NEQUIP := $(VENV_NEQUIP)/bin
+STAMP_NEQUIP := $(VENV_NEQUIP)/.installed
+
+venv-nequip: $(STAMP_NEQUIP)
+
+$(STAMP_NEQUIP): constraints.txt
+	rm -rf $(VENV_NEQUIP)
+	$(PYTHON) -m venv $(VENV_NEQUIP)
+	$(BIN_NEQUIP)/pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0 nequip==0.19.1 $(NOISE)
+	$(BIN_NEQUIP)/python -c "import nequip, torch; print(nequip.__version__, torch.__version__)"
+	$(BIN_NEQUIP)/python -m compileall -q -j 0 $(VENV_NEQUIP)/lib > /dev/null || true
+	touch $(STAMP_NEQUIP)
 
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff
