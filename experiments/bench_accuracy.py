@@ -60,6 +60,8 @@ from bench_accuracy_scoring import SPLITS, baselines, errors, prepare, to_atoms 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "experiments" / "configs" / "accuracy"
 CUTOFF = 5.0
+#: the peer's job in a slot (not a config name: our NequIP-class config may be called nequip)
+PEER = "peer:nequip-0.19.1"
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
@@ -195,43 +197,60 @@ def nequip_test_log(run: Path) -> dict[str, float]:
     return values
 
 
-def run_pair(args, name: str, minutes: float, data: dict, work: Path) -> list[dict]:
-    """One of our configs and nequip, started together on their own cores; their rows."""
-    config = args.models[name]
-    ours_dir, nequip_dir = work / f"{name}-{minutes:g}min", work / f"nequip-beside-{name}-{minutes:g}min"
-    for folder in (ours_dir, nequip_dir):
+def run_slot(args, jobs: list[str], minutes: float, data: dict, work: Path) -> list[dict]:
+    """Up to two runs (our config names, or :data:`PEER`) started together, each on its own core; their rows."""
+    companion = "+".join(jobs)
+    folders = {
+        job: work / (f"nequip-beside-{'+'.join(j for j in jobs if j != job) or 'none'}-{minutes:g}min"
+                     if job == PEER else f"{job}-{minutes:g}min")
+        for job in jobs
+    }  # fmt: skip
+    for folder in folders.values():
         if folder.exists():
             raise FileExistsError(f"{folder} exists: remove it or pass another --workdir")
         folder.mkdir(parents=True)
-    config_text = nequip_config(
-        data["files"], data["types"], str(nequip_dir.resolve()), max_time(minutes), CUTOFF, data["per_type_scales"]
-    )
-    (nequip_dir / "config.yaml").write_text(yaml.safe_dump(config_text, sort_keys=False))
     start = time.perf_counter()
-    ours = launch(ours_command(config, args.data, ours_dir.resolve(), minutes), args.cores[0], ours_dir / "log.txt")
-    nequip = launch(
-        nequip_command(args.nequip_python, nequip_dir.resolve(), nequip_dir.resolve()),
-        args.cores[1],
-        nequip_dir / "log.txt",
-    )
-    walls = {name: wait(ours, name, ours_dir / "log.txt"), "nequip": wait(nequip, "nequip", nequip_dir / "log.txt")}
+    processes = {}
+    for job, core in zip(jobs, args.cores, strict=False):
+        folder = folders[job].resolve()
+        if job == PEER:
+            config = nequip_config(
+                data["files"], data["types"], str(folder), max_time(minutes), CUTOFF, data["per_type_scales"]
+            )
+            (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            command = nequip_command(args.nequip_python, folder, folder)
+        else:
+            command = ours_command(args.models[job], args.data, folder, minutes)
+        processes[job] = launch(command, core, folder / "log.txt")
+    walls = {job: wait(process, job, folders[job] / "log.txt") for job, process in processes.items()}
     trained = time.perf_counter() - start
-    rows = [
-        {"model": name, **evaluate_ours(run_folder(ours_dir), data["records"]["test"]), "run": str(ours_dir)},
-        {
-            "model": f"nequip (beside {name})",
-            **evaluate_nequip(args.nequip_python, nequip_dir, data["files"]["test"], data["records"]["test"]),
-            "run": str(nequip_dir),
-        },
-    ]
-    for row, wall in zip(rows, walls.values(), strict=True):
-        row.update(budget_min=minutes, process_wall_s=round(wall, 1))
+    rows = []
+    for job in jobs:
+        if job == PEER:
+            others = [j for j in jobs if j != job]
+            row = {"model": f"nequip (beside {', '.join(others) or 'nothing'})"}
+            row.update(
+                evaluate_nequip(args.nequip_python, folders[job], data["files"]["test"], data["records"]["test"])
+            )
+        else:
+            row = {"model": job, **evaluate_ours(run_folder(folders[job]), data["records"]["test"])}
+        row.update(run=str(folders[job]), budget_min=minutes, process_wall_s=round(walls[job], 1))
+        rows.append(row)
     print(
-        f"  pair {name} + nequip, {minutes:g} min: {trained:.0f} s to train (both), "
+        f"  {companion}, {minutes:g} min: {trained:.0f} s to train, "
         f"{time.perf_counter() - start:.0f} s with evaluation",
         flush=True,
     )
     return rows
+
+
+def schedule(models: list[str], packed: bool) -> list[list[str]]:
+    """The runs of one budget, two at a time: each model beside nequip, or (``packed``) nequip once
+    beside the first model and the others two by two, each still alone on its core."""
+    if not packed:
+        return [[name, PEER] for name in models]
+    jobs = [models[0], PEER, *models[1:]] if models else [PEER]
+    return [jobs[i : i + 2] for i in range(0, len(jobs), 2)]
 
 
 # -- report ------------------------------------------------------------------------------
@@ -292,6 +311,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--budget", type=float, nargs="+", default=[5.0, 15.0], help="training minutes per run")
     parser.add_argument("--models", nargs="+", help="our configs: names in experiments/configs/accuracy/ or paths")
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="nequip once per budget (beside the first model), the other models two at a time: fewer slots",
+    )
     parser.add_argument("--quick", action="store_true", help="1-minute budget, EGNN only (smoke run)")
     parser.add_argument("--nequip-python", type=Path, default=ROOT / ".venv-nequip" / "bin" / "python")
     parser.add_argument(
@@ -330,8 +354,8 @@ def main(argv: list[str] | None = None) -> None:
           f"converted in {time.perf_counter() - start:.1f} s; runs in {args.workdir}", flush=True)  # fmt: skip
     rows = [{"model": name, **values} for name, values in baselines(records["train"], records["test"]).items()]
     for minutes in args.budget:
-        for name in args.models:
-            rows += run_pair(args, name, minutes, data, args.workdir)
+        for jobs in schedule(list(args.models), args.packed):
+            rows += run_slot(args, jobs, minutes, data, args.workdir)
     table = markdown(rows, args.data, CONVENTION)
     print(table)
     if args.out:
