@@ -259,8 +259,9 @@ class Interaction(nn.Module):
         x = self.linear_1(x) * self.neighbor_norm.to(x.dtype)
         weights = self.radial(edge_radial)
         if pair is not None:
-            weights = weights[pair]
-        messages = self.tp(x[j], edge_sh, weights)
+            weights = weights.index_select(0, pair)
+        # index_select, not x[j]: its backward is an index_add, where advanced indexing's sorts
+        messages = self.tp(x.index_select(0, j), edge_sh, weights)
         return messages.new_zeros((x.shape[0], messages.shape[-1])).index_add(0, i, messages)
 
     def forward(
@@ -326,7 +327,7 @@ class SpeciesLinear(nn.Module):
                 blocks.append(x.new_zeros((x.shape[0], mul_out * ir_out.dim)))
                 continue
             s_in, mul_in, index = path
-            w = self.weights[index][numbers].to(x.dtype) * mul_in**-0.5
+            w = self.weights[index].index_select(0, numbers).to(x.dtype) * mul_in**-0.5
             block = torch.einsum("nud,nuw->nwd", x[:, s_in].reshape(-1, mul_in, ir_out.dim), w)
             blocks.append(block.reshape(-1, mul_out * ir_out.dim))
         return torch.cat(blocks, dim=-1)
@@ -381,4 +382,5 @@ class PerSpeciesScaleShift(nn.Module):
         self.shift = nn.Parameter(torch.zeros(num_species + 1))
 
     def forward(self, energies: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
-        return self.scale[numbers].to(energies.dtype) * energies + self.shift[numbers].to(energies.dtype)
+        scale, shift = self.scale.index_select(0, numbers), self.shift.index_select(0, numbers)
+        return scale.to(energies.dtype) * energies + shift.to(energies.dtype)

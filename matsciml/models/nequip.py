@@ -161,7 +161,7 @@ class NequIP(AbstractEnergyModel):
         edge_sh = self.edge_attributes(vectors)
         # the radial part once per atom pair (both directions share it): half the radial-MLP work
         representatives, pair = undirected_pairs(batch.edge_index, batch.cell_shifts)
-        distances = vectors[representatives].norm(dim=-1)
+        distances = vectors.index_select(0, representatives).norm(dim=-1)
         edge_radial = self.basis(distances) * self.envelope(distances).unsqueeze(-1)
         x = self.embedding(numbers).to(vectors.dtype)
         for layer in self.layers:
