@@ -10,7 +10,8 @@ Features are e3nn irreps arrays: ``(num_atoms, irreps.dim)``, scalars ``0e`` fir
 :class:`Interaction` convolves neighbour features with ``Y`` through those weights and sums
 onto the centre; :func:`gate_for` builds the gated nonlinearity that follows. Species enter
 through :class:`SpeciesEmbedding` and :class:`SpeciesLinear` (self-connection), energies leave
-through :class:`ScalarReadout` and :class:`PerSpeciesScaleShift`.
+through :class:`ScalarReadout` and :class:`PerSpeciesScaleShift`. :func:`undirected_pairs` lets the
+radial part run once per atom pair instead of once per directed edge.
 
 Parity: with ``parity=True`` the spherical harmonics are ``Y_l`` with parity ``(-1)^l`` and the
 model is O(3)-equivariant (energies are also mirror-invariant). With ``parity=False`` every irrep
