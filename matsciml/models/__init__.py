@@ -4,5 +4,6 @@ from matsciml.models.base import AbstractEnergyModel
 from matsciml.models.egnn import EGNN
 from matsciml.models.gala import Gala
 from matsciml.models.megnet import MegNet
+from matsciml.models.nequip import NequIP
 
-__all__ = ["EGNN", "AbstractEnergyModel", "Gala", "MegNet"]
+__all__ = ["EGNN", "AbstractEnergyModel", "Gala", "MegNet", "NequIP"]
