@@ -3,6 +3,7 @@
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.models.egnn import EGNN
 from matsciml.models.gala import Gala
+from matsciml.models.mace import MACE
 from matsciml.models.megnet import MegNet
 
-__all__ = ["EGNN", "AbstractEnergyModel", "Gala", "MegNet"]
+__all__ = ["EGNN", "MACE", "AbstractEnergyModel", "Gala", "MegNet"]
