@@ -140,10 +140,26 @@ class SymmetricContraction(nn.Module):
         if unreached:
             raise ValueError(f"no product of up to {correlation} copies of {per_channel_in} gives {unreached}")
         self.paths = [[len(basis[nu].get(str(ir), ())) for _, ir in irreps_out] for nu in range(1, correlation + 1)]
-        for nu in range(1, correlation + 1):
-            index, coefficients = self._monomial_coefficients(basis[nu], irreps_out, irreps_in.dim // self.channels, nu)
-            self.register_buffer(f"index_{nu}", index, persistent=False)
-            self.register_buffer(f"coefficients_{nu}", coefficients, persistent=False)
+        dim = irreps_in.dim // self.channels
+        levels = [self._monomial_coefficients(basis[nu], irreps_out, dim, nu) for nu in range(1, correlation + 1)]
+        # a degree-nu monomial is a degree-(nu-1) one times one more component: keep, at each degree,
+        # the monomials with a coefficient and those that higher degrees are built from
+        keep = [matrix.abs().amax(dim=1) > 1e-12 for _, matrix in levels]
+        for nu in range(correlation, 1, -1):
+            combos, _ = levels[nu - 1]
+            row_of = {tuple(c): r for r, c in enumerate(levels[nu - 2][0].tolist())}
+            for prefix in combos[keep[nu - 1], :-1].tolist():
+                keep[nu - 2][row_of[tuple(prefix)]] = True
+        previous: dict[tuple[int, ...], int] = {}
+        for nu, ((combos, matrix), kept) in enumerate(zip(levels, keep, strict=True), start=1):
+            combos = combos[kept]
+            prefix = [previous[tuple(c[:-1])] for c in combos.tolist()] if nu > 1 else [0] * len(combos)
+            self.register_buffer(f"prefix_{nu}", torch.tensor(prefix, dtype=torch.long), persistent=False)
+            self.register_buffer(f"last_{nu}", combos[:, -1].clone(), persistent=False)
+            # float64 whatever the default dtype: a model built in float32 and then made .double() keeps
+            # exact coefficients (equivariance to 1e-12, not 1e-7); .float() rounds them as it should
+            self.register_buffer(f"coefficients_{nu}", matrix[kept], persistent=False)
+            previous = {tuple(c): r for r, c in enumerate(combos.tolist())}
         # one weight table per output irrep, over the paths of every nu; the 1/sqrt(paths) keeps the
         # output's scale independent of how many couplings there are
         self.weights = nn.ParameterList()
@@ -155,10 +171,10 @@ class SymmetricContraction(nn.Module):
     def _monomial_coefficients(
         basis: dict[str, torch.Tensor], irreps_out: o3.Irreps, dim: int, nu: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The symmetric tensors on the unique monomials: ``index (monomials, nu)``, ``(monomials, columns)``.
+        """The symmetric tensors on the sorted monomials: ``combos (monomials, nu)``, ``(monomials, columns)``.
 
         A symmetric ``U[i_1..i_nu]`` contracts with ``A^(x nu)`` as the sum over sorted index tuples of
-        ``(number of distinct orderings) * U[sorted] * prod A``; monomials with no coefficient are dropped.
+        ``(number of distinct orderings) * U[sorted] * prod A``.
         """
         combos = torch.tensor(list(itertools.combinations_with_replacement(range(dim), nu)), dtype=torch.long)
         orderings = torch.tensor(
@@ -173,11 +189,7 @@ class SymmetricContraction(nn.Module):
             # component normalisation: each of the 2L+1 components of a unit-norm path ~ 1 in size
             picked = tensor[(slice(None), *combos.T)] * math.sqrt(ir.dim)  # (paths, monomials, 2L+1)
             columns.append(picked.permute(1, 0, 2).reshape(len(combos), -1))
-        matrix = torch.cat(columns, dim=1) * orderings[:, None]
-        used = matrix.abs().amax(dim=1) > 1e-12
-        # float64 whatever the default dtype: a model built in float32 and then made .double() keeps
-        # exact coefficients (equivariance to 1e-12, not 1e-7); .float() rounds them as it should
-        return combos[used], matrix[used]
+        return combos, torch.cat(columns, dim=1) * orderings[:, None]
 
     def forward(self, features: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         num_atoms = features.shape[0]
@@ -185,14 +197,16 @@ class SymmetricContraction(nn.Module):
             features[:, block].reshape(num_atoms, self.channels, ir.dim)
             for (_, ir), block in zip(self.irreps_in, self.irreps_in.slices(), strict=True)
         ]
-        a = torch.cat(per_channel, dim=-1)  # (atoms, channels, d)
+        # components first, (d, atoms * channels): gathering whole rows (and scattering them back in
+        # the backward pass) is a contiguous copy, several times faster than indexing the last axis
+        a = torch.cat(per_channel, dim=-1).reshape(num_atoms * self.channels, -1).t().contiguous()
         parts: list[list[torch.Tensor]] = [[] for _ in self.irreps_out]  # per output irrep, B of each nu
+        monomials = a
         for nu in range(1, self.correlation + 1):
-            index, coefficients = getattr(self, f"index_{nu}"), getattr(self, f"coefficients_{nu}")
-            monomials = a[..., index[:, 0]]
-            for copy in range(1, nu):
-                monomials = monomials * a[..., index[:, copy]]
-            b = monomials @ coefficients.to(a.dtype)  # (atoms, channels, columns)
+            coefficients = getattr(self, f"coefficients_{nu}")
+            last = a.index_select(0, getattr(self, f"last_{nu}"))  # (monomials, atoms * channels)
+            monomials = last if nu == 1 else monomials.index_select(0, getattr(self, f"prefix_{nu}")) * last
+            b = (coefficients.to(a.dtype).t() @ monomials).t().reshape(num_atoms, self.channels, -1)
             start = 0
             for position, (_, ir) in enumerate(self.irreps_out):
                 width = self.paths[nu - 1][position] * ir.dim
