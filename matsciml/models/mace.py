@@ -98,8 +98,11 @@ class MACE(AbstractEnergyModel):
     Args:
         cutoff: radius in Å (linked from the data by the CLI).
         num_features: channels of every irrep of the hidden and A-features (MACE's 32 or 128).
-        hidden_l_max: highest ``l`` of the hidden features between layers: ``1`` gives
-            ``num_features x (0e + 1o)``; the last layer keeps only scalars.
+        hidden_l_max: highest ``l`` of the hidden features between layers: ``0`` (default,
+            MACE's "L=0": ``num_features x 0e``, as in the MACE-MP small models) or ``1``
+            (``num_features x (0e + 1o)``, 3x the cost of a force-training step: the second
+            interaction's per-edge messages grow from 512 to 1280 components at ``sh_l_max=3``).
+            The last layer keeps only scalars either way.
         sh_l_max: highest ``l`` of the edge spherical harmonics (and of the A-features).
         correlation: body order of the symmetric contraction, 1 to 3 (MACE's default 3).
         num_interactions: message-passing layers.
@@ -118,7 +121,7 @@ class MACE(AbstractEnergyModel):
         self,
         cutoff: float = 5.0,
         num_features: int = 32,
-        hidden_l_max: int = 1,
+        hidden_l_max: int = 0,
         sh_l_max: int = 3,
         correlation: int = 3,
         num_interactions: int = 2,

@@ -10,7 +10,15 @@ from scipy.spatial.transform import Rotation
 from matsciml.data.structures import batch_from_atoms
 from matsciml.models import MACE, AbstractEnergyModel
 
-SMALL = {"num_features": 4, "sh_l_max": 2, "radial_hidden": [8], "readout_hidden": 4, "avg_num_neighbors": 20.0}
+# vector features between the layers (hidden_l_max 1): the battery sees every kind of path
+SMALL = {
+    "num_features": 4,
+    "hidden_l_max": 1,
+    "sh_l_max": 2,
+    "radial_hidden": [8],
+    "readout_hidden": 4,
+    "avg_num_neighbors": 20.0,
+}
 
 
 class TestMACE(PhysicsBattery):
@@ -34,11 +42,12 @@ def transformed(atoms, matrix):
     return out
 
 
+@pytest.mark.parametrize("hidden_l_max", [0, 1])
 @pytest.mark.parametrize("improper", [False, True])
-def test_forces_equivariant_under_rotations_and_reflections(improper):
+def test_forces_equivariant_under_rotations_and_reflections(improper, hidden_l_max):
     # a proper rotation, or one times the inversion (a rotoreflection): with parity the energy is
     # O(3)-invariant and the forces turn with the structure
-    model = small_mace(sh_l_max=3, correlation=3)
+    model = small_mace(sh_l_max=3, correlation=3, hidden_l_max=hidden_l_max)
     atoms = slab()
     energy, forces = energy_and_forces(model, graph([atoms]))
     for seed in range(3):
@@ -75,8 +84,12 @@ def test_mace_defaults():
     assert [layer.contraction.correlation for layer in model.layers] == [3, 3]
     assert model.edge_attributes.irreps_out == o3.Irreps("0e+1o+2e+3o")
     assert model.layers[0].contraction.irreps_in == o3.Irreps("32x0e+32x1o+32x2e+32x3o")
-    assert model.layers[0].irreps_out == o3.Irreps("32x0e+32x1o")
-    assert model.layers[1].irreps_out == o3.Irreps("32x0e"), "the last layer keeps only scalars"
+    assert model.layers[0].irreps_out == o3.Irreps("32x0e"), "hidden_l_max 0: 3x cheaper than 1 (docs/models.md)"
+    assert model.layers[1].irreps_out == o3.Irreps("32x0e")
+    vector_hidden = MACE(hidden_l_max=1)
+    assert vector_hidden.layers[0].irreps_out == o3.Irreps("32x0e+32x1o")
+    assert vector_hidden.layers[1].irreps_out == o3.Irreps("32x0e"), "the last layer keeps only scalars"
+    assert vector_hidden.layers[1].contraction.irreps_in == o3.Irreps("32x0e+32x1o+32x2e+32x3o")
     assert model.radial_basis.frequencies.numel() == 8 and model.envelope.p == 5
 
 
