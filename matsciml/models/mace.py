@@ -104,7 +104,7 @@ class MACE(AbstractEnergyModel):
             interaction's per-edge messages grow from 512 to 1280 components at ``sh_l_max=3``).
             The last layer keeps only scalars either way.
         sh_l_max: highest ``l`` of the edge spherical harmonics (and of the A-features).
-        correlation: body order of the symmetric contraction, 1 to 3 (MACE's default 3).
+        correlation: copies of A multiplied in the symmetric contraction, 1 to 3 (MACE's default 3).
         num_interactions: message-passing layers.
         num_basis: Bessel functions of the radial basis.
         envelope_p: exponent of the polynomial envelope (C2 at the cutoff).
@@ -136,8 +136,9 @@ class MACE(AbstractEnergyModel):
         super().__init__(cutoff)
         if num_interactions < 1 or num_features < 1 or readout_hidden < 1:
             raise ValueError("num_interactions, num_features and readout_hidden must be at least 1")
-        if not 1 <= correlation <= 4:
-            raise ValueError(f"correlation must be 1 to 4 (MACE uses up to 3), got {correlation}")
+        if not 1 <= correlation <= 3:
+            # 4 copies of 16 components: coefficient tensors of 16^4 x paths, slow to build
+            raise ValueError(f"correlation must be 1, 2 or 3 (MACE's body orders up to 4), got {correlation}")
         if hidden_l_max < 0 or hidden_l_max > sh_l_max:
             raise ValueError(f"hidden_l_max must be 0 .. sh_l_max={sh_l_max}, got {hidden_l_max}")
         self.num_species = num_species

@@ -111,8 +111,10 @@ def test_spec_round_trip_rebuilds_the_same_model():
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="correlation must be 1 to 4"):
+    with pytest.raises(ValueError, match="correlation must be 1, 2 or 3"):
         MACE(correlation=0)
+    with pytest.raises(ValueError, match="correlation must be 1, 2 or 3"):
+        MACE(correlation=4)
     with pytest.raises(ValueError, match="hidden_l_max must be"):
         MACE(hidden_l_max=3, sh_l_max=2)
     with pytest.raises(ValueError, match="avg_num_neighbors must be positive"):
