@@ -6,7 +6,9 @@ YAML. What the data knows is linked into the task instead of being repeated in c
 
 * ``data.cutoff`` -> the energy model's ``cutoff`` (the radius graph and the model agree);
 * the training split's element set -> ``model.species`` (checked against the embedding);
-* the training split's target statistics -> ``model.statistics`` (the normaliser).
+* the training split's target statistics -> ``model.statistics`` (the normaliser);
+* the training split's mean neighbour count on its radius graph -> the energy model's
+  ``avg_num_neighbors``, for models that take one (NequIP); jsonargparse skips the link for others.
 
 ``predict`` writes ``predictions.npz`` (sid, fid, energy, natoms, forces) to the run folder, or
 to ``--prediction_writer.path``.
@@ -53,6 +55,10 @@ def _statistics(data: AtomisticDataModule) -> dict | None:
     return data.target_statistics
 
 
+def _avg_num_neighbors(data: AtomisticDataModule) -> float | None:
+    return data.avg_num_neighbors
+
+
 class MatSciMLCLI(LightningCLI):
     """LightningCLI with matsciml's links and defaults (CSV logs under ``default_root_dir``, else ``runs/``)."""
 
@@ -64,6 +70,12 @@ class MatSciMLCLI(LightningCLI):
         parser.link_arguments("data.init_args.cutoff", "model.init_args.model.init_args.cutoff")
         parser.link_arguments("data", "model.init_args.species", compute_fn=_species, apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.statistics", compute_fn=_statistics, apply_on="instantiate")
+        parser.link_arguments(
+            "data",
+            "model.init_args.model.init_args.avg_num_neighbors",
+            compute_fn=_avg_num_neighbors,
+            apply_on="instantiate",
+        )
         parser.add_lightning_class_args(MetricsReport, "metrics_report")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.add_argument(

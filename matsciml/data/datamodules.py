@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
+from matsciml.data import keys as K
 from matsciml.data.batch import collate
 from matsciml.data.datasets import IS2REDataset, LMDBDataset, S2EFDataset, Transform
 from matsciml.data.devsets import devset_path
@@ -31,6 +32,8 @@ from matsciml.data.samplers import (
 )
 
 Representation = Literal["graph", "point_cloud"]
+#: records whose radius graphs estimate the average number of neighbours (a few seconds at most)
+NEIGHBOR_SAMPLE = 500
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
@@ -126,6 +129,7 @@ class AtomisticDataModule(pl.LightningDataModule):
         self.balanced = balanced
         self.datasets: dict[str, LMDBDataset] = {}
         self._sampled_card: dict | None = None
+        self._avg_num_neighbors: float | None = None
         self.save_hyperparameters(ignore=["transforms"])
 
     @classmethod
@@ -259,6 +263,22 @@ class AtomisticDataModule(pl.LightningDataModule):
         card = self._card()
         return None if card is None else card["statistics"]
 
+    @property
+    def avg_num_neighbors(self) -> float | None:
+        """Mean neighbours per atom on this data's radius graph (cutoff, max_neighbors), over a seeded
+        sample of up to :data:`NEIGHBOR_SAMPLE` records of the training split (else the first split
+        given). Equivariant models divide their neighbour sums by its square root. ``None`` for
+        point clouds."""
+        if self.representation != "graph":
+            return None
+        if self._avg_num_neighbors is None:
+            split = next((s for s in ("train", "val", "test", "predict") if self.paths[s] is not None), None)
+            if split is None:
+                return None
+            self.setup({"train": "fit", "val": "validate"}.get(split, split))
+            self._avg_num_neighbors = mean_neighbors(self.datasets[split], NEIGHBOR_SAMPLE, self.seed)
+        return self._avg_num_neighbors
+
     def natoms(self, split: str = "train") -> np.ndarray | None:
         """Atom counts of a split, from its metadata (for balanced batching)."""
         self.setup({"train": "fit", "val": "validate"}.get(split, split))
@@ -277,6 +297,19 @@ def sampled_card(dataset: LMDBDataset, sample: int, seed: int) -> dict:
             statistics.add(dataset.read(int(index)))
             bar.advance(job)
     return statistics.summary()
+
+
+def mean_neighbors(dataset: LMDBDataset, sample: int, seed: int) -> float:
+    """Edges per atom of the graphs the dataset's transforms build, over a seeded sample of ``sample``
+    records (all when ``sample >= len(dataset)``)."""
+    count = min(sample, len(dataset))
+    indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=count, replace=False))
+    edges = atoms = 0
+    for index in indices:
+        record = dataset[int(index)]
+        edges += record[K.EDGE_INDEX].shape[1]
+        atoms += len(record[K.ATOMIC_NUMBERS])
+    return edges / atoms
 
 
 class S2EFDataModule(AtomisticDataModule):

@@ -5,5 +5,6 @@ from matsciml.models.egnn import EGNN
 from matsciml.models.gala import Gala
 from matsciml.models.mace import MACE
 from matsciml.models.megnet import MegNet
+from matsciml.models.nequip import NequIP
 
-__all__ = ["EGNN", "MACE", "AbstractEnergyModel", "Gala", "MegNet"]
+__all__ = ["EGNN", "MACE", "AbstractEnergyModel", "Gala", "MegNet", "NequIP"]

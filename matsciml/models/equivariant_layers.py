@@ -189,7 +189,8 @@ class Interaction(nn.Module):
             raise ValueError(f"avg_num_neighbors must be positive, got {avg_num_neighbors}")
         self.irreps_in, self.irreps_sh = o3.Irreps(irreps_in), o3.Irreps(irreps_sh)
         self.irreps_out = o3.Irreps(irreps_out)
-        self.neighbor_norm = avg_num_neighbors**-0.5
+        # a buffer: a state dict loaded into a model built with another statistic restores the trained one
+        self.register_buffer("neighbor_norm", torch.tensor(float(avg_num_neighbors) ** -0.5))
         self.linear_1 = o3.Linear(self.irreps_in, self.irreps_in)
         mid, instructions = [], []
         for i_in, (mul, ir_in) in enumerate(self.irreps_in):
@@ -216,7 +217,7 @@ class Interaction(nn.Module):
         """Messages summed per centre and normalised, ``(num_atoms, irreps_mid.dim)``."""
         j, i = edge_index
         # the normalisation is linear: applied to the nodes, it costs num_atoms, not num_edges
-        x = self.linear_1(x) * self.neighbor_norm
+        x = self.linear_1(x) * self.neighbor_norm.to(x.dtype)
         messages = self.tp(x[j], edge_sh, self.radial(edge_radial))
         return messages.new_zeros((x.shape[0], messages.shape[-1])).index_add(0, i, messages)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers.training import quiet_trainer, tiny_egnn
 
-from matsciml.data import IS2REDataModule, S2EFDataModule
+from matsciml.data import IS2REDataModule, S2EFDataModule, datamodules
 from matsciml.data.batch import Batch
 from matsciml.tasks import IS2RETask
 
@@ -57,6 +57,20 @@ def test_what_the_data_knows(s2ef_path):
     assert dm.species == [8, 29, 47, 78, 79]
     assert dm.target_statistics["energy"]["count"] == 12
     assert dm.natoms().tolist() == [13] * 12
+
+
+def test_the_average_number_of_neighbours_is_that_of_the_datas_own_graph(s2ef_path, monkeypatch):
+    # every record's graph, as the loaders build it (cutoff and neighbour cap included)
+    for cutoff, cap in ((6.0, None), (4.0, None), (6.0, 5)):
+        dm = S2EFDataModule(train_path=s2ef_path, cutoff=cutoff, max_neighbors=cap, shuffle=False, batch_size=12)
+        batch = next(iter(dm.train_dataloader()))
+        assert dm.avg_num_neighbors == pytest.approx(batch.num_edges / batch.num_atoms, rel=1e-12)
+    assert dm.avg_num_neighbors == 5.0
+    # a seeded sample of the records on large datasets
+    monkeypatch.setattr(datamodules, "NEIGHBOR_SAMPLE", 3)
+    sampled = S2EFDataModule(train_path=s2ef_path, seed=1).avg_num_neighbors
+    assert sampled > 0 and S2EFDataModule(train_path=s2ef_path, seed=1).avg_num_neighbors == sampled
+    assert S2EFDataModule(train_path=s2ef_path, representation="point_cloud").avg_num_neighbors is None
 
 
 @pytest.mark.parametrize("module", [S2EFDataModule, IS2REDataModule])

@@ -97,7 +97,11 @@ def test_species_linear_is_equivariant_and_depends_on_the_species():
     numbers = torch.tensor([1, 8, 8, 3])
 
     errors = assert_equivariant(
-        lambda x: layer(x, numbers), irreps_in=[layer.irreps_in], irreps_out=[layer.irreps_out], do_parity=True
+        lambda x: layer(x, numbers),
+        args_in=[layer.irreps_in.randn(4, -1)],
+        irreps_in=[layer.irreps_in],
+        irreps_out=[layer.irreps_out],
+        do_parity=True,
     )
     assert len(errors) >= 2
     x = layer.irreps_in.randn(1, -1).repeat(4, 1)
