@@ -40,6 +40,7 @@ from matsciml.models.equivariant_layers import (
     reachable,
     sh_irreps,
 )
+from matsciml.models.nequip import FALLBACK_AVG_NUM_NEIGHBORS
 from matsciml.models.symmetric_contraction import SymmetricContraction
 
 
@@ -110,7 +111,9 @@ class MACE(AbstractEnergyModel):
         envelope_p: exponent of the polynomial envelope (C2 at the cutoff).
         radial_hidden: hidden widths of the radial MLP.
         readout_hidden: hidden width of the last layer's readout MLP.
-        avg_num_neighbors: neighbour sums are divided by its square root (a data statistic).
+        avg_num_neighbors: neighbour sums are divided by its square root; a statistic of the
+            training data that ``matsciml fit`` links in. ``None``: NequIP's fallback,
+            :data:`~matsciml.models.nequip.FALLBACK_AVG_NUM_NEIGHBORS`.
         parity: O(3) (``True``) or only SO(3) equivariance (see ``equivariant_layers``).
         num_species: atomic numbers 1 .. num_species.
     """
@@ -129,7 +132,7 @@ class MACE(AbstractEnergyModel):
         envelope_p: int = 5,
         radial_hidden: Sequence[int] = (64, 64, 64),
         readout_hidden: int = 16,
-        avg_num_neighbors: float = 1.0,
+        avg_num_neighbors: float | None = None,
         parity: bool = True,
         num_species: int = 100,
     ):
@@ -141,6 +144,9 @@ class MACE(AbstractEnergyModel):
             raise ValueError(f"correlation must be 1, 2 or 3 (MACE's body orders up to 4), got {correlation}")
         if hidden_l_max < 0 or hidden_l_max > sh_l_max:
             raise ValueError(f"hidden_l_max must be 0 .. sh_l_max={sh_l_max}, got {hidden_l_max}")
+        if avg_num_neighbors is not None and not avg_num_neighbors > 0:
+            raise ValueError(f"avg_num_neighbors must be positive (a mean neighbour count), got {avg_num_neighbors}")
+        avg_num_neighbors = float(avg_num_neighbors or FALLBACK_AVG_NUM_NEIGHBORS)
         self.num_species = num_species
         self.embedding = SpeciesEmbedding(num_species, num_features)
         self.edge_attributes = EdgeAttributes(sh_l_max, parity)

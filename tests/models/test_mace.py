@@ -1,5 +1,7 @@
 """MACE passes the physics battery, is O(3)-equivariant, and keeps MACE's defaults."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,8 @@ from e3nn import o3
 from helpers.physics import PhysicsBattery, energy_and_forces, slab, small_bulk
 from scipy.spatial.transform import Rotation
 
+from matsciml.cli import main
+from matsciml.data import S2EFDataModule
 from matsciml.data.structures import batch_from_atoms
 from matsciml.models import MACE, AbstractEnergyModel
 
@@ -121,3 +125,32 @@ def test_bad_settings_are_refused():
         MACE(avg_num_neighbors=0.0)
     with pytest.raises(ValueError, match="cutoff must be positive"):
         MACE(cutoff=0)
+
+
+def test_matsciml_fit_links_the_datas_average_neighbour_count(tmp_path, monkeypatch):
+    # a real (2-batch) Lightning run on the S2EF devset: the statistic reaches MACE's spec in the
+    # checkpoint and the buffers its neighbour sums are divided by
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    command = [
+        "fit",
+        "--config=configs/devset/s2ef-egnn.yaml",
+        "--model.init_args.model=matsciml.models.MACE",
+        "--model.init_args.model.init_args.num_features=4",
+        "--model.init_args.model.init_args.sh_l_max=2",
+        "--data.init_args.cutoff=5.0",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    assert main(command) == 0
+    expected = S2EFDataModule.from_devset(cutoff=5.0).avg_num_neighbors
+    (checkpoint,) = tmp_path.glob("**/checkpoints/last.ckpt")
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["hyper_parameters"]["model"]["init_args"]["avg_num_neighbors"] == expected
+    assert saved["hyper_parameters"]["model"]["class_path"] == "matsciml.models.mace.MACE"
+    for layer in (0, 1):
+        norm = saved["state_dict"][f"model.layers.{layer}.interaction.neighbor_norm"]
+        assert float(norm) == pytest.approx(expected**-0.5, rel=1e-6)
