@@ -52,7 +52,7 @@ class MACELayer(nn.Module):
         irreps_sh: edge spherical harmonics; the A-features have ``num_features`` channels of each.
         irreps_out: node features leaving the layer.
         num_features: channels of the A-features.
-        correlation: body order of the contraction (products of up to this many A's).
+        correlation: most copies of A multiplied in the contraction.
         num_basis, radial_hidden, avg_num_neighbors: of the interaction's radial MLP and sum.
         num_species: atomic numbers 1 .. num_species.
 

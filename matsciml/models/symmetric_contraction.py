@@ -112,7 +112,7 @@ class SymmetricContraction(nn.Module):
     Args:
         irreps_in: A-features, e.g. ``"32x0e+32x1o+32x2e+32x3o"``.
         irreps_out: outputs, e.g. ``"32x0e+32x1o"`` (inner layers) or ``"32x0e"`` (last layer).
-        correlation: highest body order of the products (1 to 3 in MACE; more works, slowly).
+        correlation: most copies of A in a product (1 to 3 in MACE, body order up to 4; more works, slowly).
         num_species: rows of the weight tables (species indices 0 .. num_species - 1).
 
     Shapes:
