@@ -135,3 +135,24 @@ def test_bad_settings_are_refused():
         SymmetricContraction("4x0e", "4x0e+4x1o", 3, num_species=1)
     with pytest.raises(ValueError, match="correlation must be at least 1"):
         SymmetricContraction("4x0e", "4x0e", 0, num_species=1)
+
+
+def test_matches_the_dense_contraction_of_the_coupling_tensors():
+    # the fast path (sorted monomials times ordering counts) against the textbook sum over all index tuples
+    module = contraction("2x0e+2x1o+2x2e", "2x0e+2x1o", 3)
+    features, species = inputs(module, atoms=3)
+    basis = coupling_basis("0e+1o+2e", "0e+1o", 3)
+    a = torch.cat([features[:, s].reshape(3, 2, -1) for s in module.irreps_in.slices()], dim=-1)  # (n, k, d)
+    expected = []
+    for position, (_, ir) in enumerate(module.irreps_out):
+        per_nu = []
+        for nu in (1, 2, 3):
+            tensor = basis[nu].get(str(ir))
+            if tensor is None:
+                continue
+            letters = "abc"[:nu]
+            operands = ",".join(f"nk{x}" for x in letters)
+            per_nu.append(torch.einsum(f"p{letters}m,{operands}->nkpm", tensor, *[a] * nu) * ir.dim**0.5)
+        b = torch.cat(per_nu, dim=2)
+        expected.append(torch.einsum("nkpm,nkp->nkm", b, module.weights[position][species]).reshape(3, -1))
+    assert torch.allclose(module(features, species), torch.cat(expected, dim=-1), atol=1e-12)
