@@ -40,6 +40,7 @@ from matsciml.models.equivariant_layers import (
     gate_for,
     hidden_irreps,
     reachable,
+    undirected_pairs,
 )
 
 #: used when no data statistic is given (a model built outside the CLI); ~fcc within 5 Å
@@ -73,8 +74,9 @@ class NequIPLayer(nn.Module):
         edge_sh: torch.Tensor,
         edge_radial: torch.Tensor,
         edge_index: torch.Tensor,
+        pair: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = self.conv(x, edge_sh, edge_radial, edge_index)
+        out = self.conv(x, edge_sh, edge_radial, edge_index, pair)
         if self.self_connection is not None:
             out = out + self.self_connection(x, numbers)
         return self.gate(out)
@@ -156,10 +158,12 @@ class NequIP(AbstractEnergyModel):
         numbers = batch.atomic_numbers
         self.check_species(numbers)
         vectors = self.edge_vectors(batch)
-        distances = vectors.norm(dim=-1)
         edge_sh = self.edge_attributes(vectors)
+        # the radial part once per atom pair (both directions share it): half the radial-MLP work
+        representatives, pair = undirected_pairs(batch.edge_index, batch.cell_shifts)
+        distances = vectors[representatives].norm(dim=-1)
         edge_radial = self.basis(distances) * self.envelope(distances).unsqueeze(-1)
         x = self.embedding(numbers).to(vectors.dtype)
         for layer in self.layers:
-            x = layer(x, numbers, edge_sh, edge_radial, batch.edge_index)
+            x = layer(x, numbers, edge_sh, edge_radial, batch.edge_index, pair)
         return self.scale_shift(self.readout(x), numbers)

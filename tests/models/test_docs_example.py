@@ -27,6 +27,22 @@ class TestDocsExample(PhysicsBattery):
         return _doc_model_class()(cutoff=self.cutoff)
 
 
+def _equivariant_example() -> str:
+    (source,) = [s for s in re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S) if "Interaction(" in s]
+    return source
+
+
+def test_the_equivariant_example_fits_in_a_page():
+    assert len(_equivariant_example().strip().splitlines()) < 45
+
+
+class TestDocsEquivariantExample(PhysicsBattery):
+    def make_model(self):
+        namespace: dict = {}
+        exec(compile(_equivariant_example(), str(DOC), "exec"), namespace)  # noqa: S102 - our own docs
+        return namespace["TinyEquivariantModel"](num_features=4, cutoff=self.cutoff)
+
+
 def test_the_example_trains_through_the_cli_with_the_shipped_config(tmp_path, monkeypatch, capsys):
     source = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)[0]
     (tmp_path / "mymodels.py").write_text(source)

@@ -16,6 +16,7 @@ from matsciml.models.equivariant_layers import (
     gate_for,
     hidden_irreps,
     reachable,
+    undirected_pairs,
 )
 
 
@@ -125,3 +126,23 @@ def test_readout_and_scale_shift_start_near_identity():
     scale_shift = PerSpeciesScaleShift(num_species=10)
     energies = torch.randn(5)
     assert torch.equal(scale_shift(energies, torch.tensor([1, 2, 3, 4, 5])), energies)
+
+
+def test_undirected_pairs_join_each_edge_with_its_reverse():
+    from helpers.physics import slab, small_bulk
+
+    from matsciml.data.structures import batch_from_atoms
+    from matsciml.models.base import AbstractEnergyModel
+
+    # small_bulk: a 4-atom cell inside a 6 Å cutoff, so atoms see periodic images of themselves (i == j)
+    for atoms, cap in ((small_bulk(), None), (slab(), None), (slab(), 7)):
+        batch = batch_from_atoms([atoms], cutoff=6.0, max_neighbors=cap, dtype=torch.float64)
+        representatives, pair = undirected_pairs(batch.edge_index, batch.cell_shifts)
+        distances = AbstractEnergyModel.edge_vectors(batch).norm(dim=-1)
+        assert torch.equal(distances[representatives][pair], distances)  # bitwise: reverse vectors are negatives
+        assert torch.equal(pair[representatives], torch.arange(len(representatives)))
+        sizes = torch.bincount(pair)
+        if cap is None:
+            assert len(representatives) * 2 == batch.num_edges and (sizes == 2).all()
+        else:  # a neighbour cap keeps some edges without their reverse: pairs of one
+            assert (sizes == 1).any() and sizes.max() == 2
