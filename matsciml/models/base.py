@@ -39,6 +39,9 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
             ``"point_cloud"`` (``point_index``/``point_mask``/``point_features``).
         per_atom: whether :meth:`energy` returns per-atom energies ``(num_atoms,)``, which
             the base class sums per structure, instead of ``(num_structures,)``.
+        autocast: whether :meth:`energy` may run under mixed precision (``bf16-mixed``). Models
+            whose kernels mix dtypes under autocast (e3nn's tensor products) set it ``False``
+            and then always run in the dtype of the positions.
 
     Args:
         cutoff: interaction radius in Å; the data's radius graph must use at least this.
@@ -46,6 +49,7 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
 
     representation: ClassVar[Representation] = "graph"
     per_atom: ClassVar[bool] = False
+    autocast: ClassVar[bool] = True
 
     def __init__(self, cutoff: float = 6.0):
         super().__init__()
@@ -109,7 +113,12 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
             raise ValueError(f"{type(self).__name__} needs point clouds (representation='point_cloud' in the data)")
         # energies in the positions' dtype: under autocast a model may compute in bf16, but sums
         # of per-atom energies (hundreds of eV) need float32's digits
-        energy = self.energy(batch).to(batch.positions.dtype)
+        if self.autocast:
+            energy = self.energy(batch)
+        else:
+            with torch.autocast(batch.positions.device.type, enabled=False):
+                energy = self.energy(batch)
+        energy = energy.to(batch.positions.dtype)
         if self.per_atom:
             return self.sum_per_structure(energy, batch)
         if energy.shape != (batch.num_structures,):

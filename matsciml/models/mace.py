@@ -119,6 +119,7 @@ class MACE(AbstractEnergyModel):
     """
 
     per_atom = True
+    autocast = False  # e3nn's tensor products mix dtypes under autocast: run in float32
 
     def __init__(
         self,

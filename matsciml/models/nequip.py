@@ -106,6 +106,7 @@ class NequIP(AbstractEnergyModel):
     """
 
     per_atom = True
+    autocast = False  # e3nn's tensor products mix dtypes under autocast: run in float32
 
     def __init__(
         self,
