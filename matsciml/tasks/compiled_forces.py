@@ -67,7 +67,7 @@ def _decompositions() -> dict:
 
 @contextlib.contextmanager
 def _distinct_size_symbols() -> Iterator[None]:
-    """Give every input dimension its own symbol while tracing.
+    """Give every input dimension its own symbol while tracing (make_fx's and torch.compile's).
 
     By default equal sizes share a symbol ("duck shaping"): a batch of 8 structures would tie the
     structure count to any weight of width 8, and the graph would hold only for batches of 8.
@@ -79,6 +79,17 @@ def _distinct_size_symbols() -> Iterator[None]:
         yield
     finally:
         config.use_duck_shape = before
+
+
+@contextlib.contextmanager
+def _without_onednn() -> Iterator[None]:
+    # only the switch: torch.backends.mkldnn.flags() would also set (and warn about) TF32
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 class _Graph:
@@ -96,6 +107,10 @@ class _Graph:
         guards = [guard.expr.xreplace(shape_env.replacements) for guard in shape_env.guards]
         self.guards = [guard for guard in guards if guard is not sympy.true]
         self.compiled = torch.compile(traced, **{"dynamic": True, **options})
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with _distinct_size_symbols():  # torch.compile traces the graph again on its first call
+            return self.compiled(*tensors)
 
     def accepts(self, inputs: list[torch.Tensor]) -> bool:
         """Whether ``inputs``' sizes satisfy every guard recorded while tracing."""
@@ -157,8 +172,7 @@ class CompiledForces:
         if graph is None:
             graph = _Graph(self._trace(model, fields, names, inputs + state), self.options)
             graphs.append(graph)
-        raw, gradient = graph.compiled(*inputs, *state)
-        return raw, gradient
+        return graph(*inputs, *state)
 
     @staticmethod
     def _trace(model: torch.nn.Module, fields: list[str], names: list[str], inputs: list[torch.Tensor]):
@@ -172,7 +186,10 @@ class CompiledForces:
             (gradient,) = torch.autograd.grad(raw.sum(), positions, create_graph=True)
             return raw, gradient
 
-        with _distinct_size_symbols(), model_base.tracing(), torch.enable_grad():
+        # oneDNN off: on CPU in float32 an LSTM (MegNet's set2set) would be traced as one
+        # mkldnn_rnn_layer op, whose outputs inductor's generated code rejects; without it the LSTM
+        # is decomposed into matrix products and activations like the rest of the graph
+        with _distinct_size_symbols(), _without_onednn(), model_base.tracing(), torch.enable_grad():
             return make_fx(
                 energy_and_gradient,
                 decomposition_table=_decompositions(),

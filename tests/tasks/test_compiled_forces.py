@@ -69,7 +69,10 @@ def test_forces_setting_is_checked():
         compile_forces({"forces": "yes"})
 
 
-@pytest.mark.parametrize("make_model", [tiny_egnn, tiny_megnet], ids=["egnn", "megnet"])
+# MegNet's graph (set2set LSTMs unrolled) takes AOTAutograd about two minutes here
+@pytest.mark.parametrize(
+    "make_model", [tiny_egnn, pytest.param(tiny_megnet, marks=pytest.mark.slow)], ids=["egnn", "megnet"]
+)
 def test_compiled_energies_forces_and_weight_gradients_match_eager(make_model):
     batches, statistics = devset_batches(3, 2, 1)
     torch.manual_seed(0)
@@ -124,3 +127,21 @@ def test_compiled_forces_need_no_task():
     (expected_gradient,) = torch.autograd.grad(expected.sum(), positions)
     torch.testing.assert_close(raw, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gradient, expected_gradient, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+# importing inductor imports torch.utils.mkldnn, which uses a torch.jit API torch itself deprecates
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_inductor_compiles_megnets_float32_lstm():
+    """Float32 on CPU, where an LSTM would be one oneDNN op that inductor's code cannot run (minutes)."""
+    (batch,), statistics = devset_batches(2)
+    batch = batch.to(dtype=torch.float32)
+    torch.manual_seed(0)
+    model = tiny_megnet()
+    compiled = S2EFTask(model, statistics=statistics, compile={"forces": True}).train()
+    eager = S2EFTask(model, statistics=statistics).train()
+    expected, got = force_loss_gradients(eager, batch), force_loss_gradients(compiled, batch)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-5)
+    for g, e in zip(got[2], expected[2], strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
