@@ -24,6 +24,7 @@ environment); on older torch :func:`unsupported_reason` says so and the task tra
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -35,6 +36,10 @@ from matsciml.models import base as model_base
 
 #: The oldest torch on which this path was built to run (nequip 0.19 documents the same floor).
 MIN_TORCH = (2, 6)
+
+#: Graphs traced per model and setting before batches that fit none run eagerly (as Dynamo's
+#: recompile limit): sizes that break guards every time would otherwise compile every batch.
+MAX_GRAPHS = 8
 
 #: Batch fields the energy must not see: labels and identifiers (and sizes of no use to a graph).
 LABELS = frozenset(
@@ -134,6 +139,14 @@ class _Graph:
         return all(guard.xreplace(values) is sympy.true for guard in self.guards)
 
 
+def _eager(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a graph computes, without one."""
+    positions = batch.positions.detach().requires_grad_(True)
+    raw = model(batch.replace(positions=positions))
+    (gradient,) = torch.autograd.grad(raw.sum(), positions, create_graph=True)
+    return raw, gradient
+
+
 class CompiledForces:
     """Raw energies and their gradient with respect to positions, from compiled graphs.
 
@@ -169,6 +182,15 @@ class CompiledForces:
             model.check_species(batch.atomic_numbers)
         graphs = self.graphs.setdefault(key, [])
         graph = next((g for g in graphs if g.accepts(inputs + state)), None)
+        if graph is None and len(graphs) >= MAX_GRAPHS:
+            if not self.__dict__.get("_said_too_many"):
+                self._said_too_many = True
+                warnings.warn(
+                    f"matsciml: {MAX_GRAPHS} force graphs traced and this batch fits none of them; "
+                    "batches that fit none are computed eagerly from now on",
+                    stacklevel=2,
+                )
+            return _eager(model, batch)
         if graph is None:
             graph = _Graph(self._trace(model, fields, names, inputs + state), self.options)
             graphs.append(graph)

@@ -117,16 +117,25 @@ def test_stress_training_stays_eager():
     assert S2EFTask(tiny_egnn(), regress_stress=True, compile=AOT_FORCES).compiled_forces() is None
 
 
-def test_compiled_forces_need_no_task():
-    """The module on its own: raw energies and position gradients of any energy model."""
-    (batch,), _ = devset_batches(2)
+def test_compiled_forces_need_no_task(monkeypatch):
+    """The module on its own: raw energies and position gradients of any energy model; past
+    ``MAX_GRAPHS`` graphs, batches that fit none are computed eagerly, with one warning."""
+    monkeypatch.setattr("matsciml.tasks.compiled_forces.MAX_GRAPHS", 1)
+    batches, _ = devset_batches(2, 1)
     model = tiny_egnn().double().eval()
-    raw, gradient = CompiledForces({"backend": "aot_eager"})(model, batch)
-    positions = batch.positions.clone().requires_grad_(True)
-    expected = model(batch.replace(positions=positions))
-    (expected_gradient,) = torch.autograd.grad(expected.sum(), positions)
-    torch.testing.assert_close(raw, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gradient, expected_gradient, rtol=1e-12, atol=1e-12)
+    compiled = CompiledForces({"backend": "aot_eager"})
+    for batch in batches:
+        if batch.num_structures == 1:  # the single structure fits the graph of two structures not
+            with pytest.warns(UserWarning, match="1 force graphs traced and this batch fits none"):
+                raw, gradient = compiled(model, batch)
+        else:
+            raw, gradient = compiled(model, batch)
+        positions = batch.positions.clone().requires_grad_(True)
+        expected = model(batch.replace(positions=positions))
+        (expected_gradient,) = torch.autograd.grad(expected.sum(), positions)
+        torch.testing.assert_close(raw, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-12, atol=1e-12)
+    assert [len(graphs) for graphs in compiled.graphs.values()] == [1]
 
 
 @pytest.mark.slow
