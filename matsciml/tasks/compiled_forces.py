@@ -178,7 +178,7 @@ class CompiledForces:
             tuple((t.dtype, t.device) for t in inputs),
             tuple((t.dtype, t.device, t.requires_grad) for t in state),
         )
-        if hasattr(model, "check_species"):  # skipped inside the trace: it reads a value back
+        if hasattr(model, "num_species") and hasattr(model, "check_species"):  # skipped in the trace (reads a value)
             model.check_species(batch.atomic_numbers)
         graphs = self.graphs.setdefault(key, [])
         graph = next((g for g in graphs if g.accepts(inputs + state)), None)
@@ -211,11 +211,21 @@ class CompiledForces:
         # oneDNN off: on CPU in float32 an LSTM (MegNet's set2set) would be traced as one
         # mkldnn_rnn_layer op, whose outputs inductor's generated code rejects; without it the LSTM
         # is decomposed into matrix products and activations like the rest of the graph
-        with _distinct_size_symbols(), _without_onednn(), model_base.tracing(), torch.enable_grad():
-            return make_fx(
-                energy_and_gradient,
-                decomposition_table=_decompositions(),
-                tracing_mode="symbolic",
-                _allow_non_fake_inputs=True,
-                _error_on_data_dependent_ops=True,
-            )(*inputs)
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+        try:
+            with _distinct_size_symbols(), _without_onednn(), model_base.tracing(), torch.enable_grad():
+                return make_fx(
+                    energy_and_gradient,
+                    decomposition_table=_decompositions(),
+                    tracing_mode="symbolic",
+                    _allow_non_fake_inputs=True,
+                    _error_on_data_dependent_ops=True,
+                )(*inputs)
+        except GuardOnDataDependentSymNode as error:
+            first_line = str(error).splitlines()[0]
+            raise RuntimeError(
+                f"compile: {{forces: true}} cannot trace {type(model).__name__}: its energy reads a tensor's "
+                f"value back to Python (int(), .item(), a size that depends on values: {first_line}); compute "
+                "that outside the energy, or leave forces out of compile"
+            ) from error

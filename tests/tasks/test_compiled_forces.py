@@ -14,6 +14,7 @@ from helpers.training import quiet_trainer, tiny_egnn
 from matsciml.data.batch import Batch
 from matsciml.data.datamodules import S2EFDataModule
 from matsciml.models import MegNet
+from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks import S2EFTask
 from matsciml.tasks.compiled_forces import CompiledForces
 from matsciml.tasks.options import compile_forces, compile_options
@@ -111,6 +112,26 @@ def test_older_torch_trains_eagerly_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match=r"needs torch >= 2.6, this is 2.2.1\+cpu; force training runs eagerly"):
         task = S2EFTask(tiny_egnn(), compile=AOT_FORCES)
     assert task.compiled_forces() is None and task.compile_options == {"dynamic": True, "backend": "aot_eager"}
+
+
+class ReadsAValueBack(AbstractEnergyModel):
+    """A model whose energy depends on a Python number read from a tensor, which no graph can hold."""
+
+    per_atom = True
+
+    def __init__(self):
+        super().__init__(cutoff=6.0)
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def energy(self, batch: Batch) -> torch.Tensor:
+        longest = float(self.edge_vectors(batch).norm(dim=1).max())
+        return self.weight * (batch.positions**2).sum(dim=1) / longest
+
+
+def test_a_model_that_reads_values_back_gets_a_clear_error():
+    (batch,), _ = devset_batches(2)
+    with pytest.raises(RuntimeError, match="cannot trace ReadsAValueBack: its energy reads a tensor's value back"):
+        CompiledForces({"backend": "aot_eager"})(ReadsAValueBack().double(), batch)
 
 
 def test_stress_training_stays_eager():
