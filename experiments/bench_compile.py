@@ -1,18 +1,21 @@
 """Eager against ``torch.compile`` (the task's ``compile`` option), per model, on devset batches.
 
-Two passes are timed, the ones ``compile`` affects:
+Three passes are timed, the ones ``compile`` affects:
 
 * **IS2RE train step**: forward, L1 loss, backward, Adam step (energy only, so compiled);
 * **S2EF evaluation**: energies and forces (``-dE/dx``, one backward) as validation and
-  predict run them, under ``torch.inference_mode``.
+  predict run them, under ``torch.inference_mode``;
+* **S2EF train step**: energies and forces, energy + force L1 loss, backward, Adam step. Plain
+  ``compile`` runs it eagerly (no double backward under torch.compile); ``compile: {forces: true}``
+  compiles energy and forces traced as one graph (:mod:`matsciml.tasks.compiled_forces`).
 
-S2EF *training* is not timed: with a force loss it runs eagerly either way (no double backward
-under torch.compile). Each configuration runs eager and compiled in the same process on the same
+Each configuration runs eager and compiled in the same process on the same
 collated batches, interleaved round by round, after a warm-up that includes compilation (whose
 time is printed separately). Usage::
 
     .venv/bin/python experiments/bench_compile.py                 # EGNN and MegNet, inductor (~3 min)
     .venv/bin/python experiments/bench_compile.py --models egnn --device cuda
+    .venv/bin/python experiments/bench_compile.py --passes s2ef-train    # one pass only
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from matsciml.models import EGNN, MegNet
 from matsciml.tasks import IS2RETask, S2EFTask
 
 MODELS = {"egnn": EGNN, "megnet": MegNet}
+PASSES = ("is2re-train", "s2ef-eval", "s2ef-train")
 
 
 def batches_of(module, batch_size: int, count: int, device: torch.device) -> tuple[list, dict]:
@@ -100,11 +104,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=list(PASSES))
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     options = {"backend": args.backend}
+    forces = {**options, "forces": True}  # S2EF training compiled too
     print(
         f"torch {torch.__version__}, {args.threads} threads, device {device}, backend {args.backend}, "
         f"batch {args.batch_size}, {args.batches} batches x {args.rounds} rounds"
@@ -113,22 +119,33 @@ def main() -> None:
     s2ef, s2ef_stats = batches_of(S2EFDataModule, args.batch_size, args.batches, device)
     for model in args.models:
         cls = MODELS[model]
-        compare(
-            f"{model} IS2RE train step",
-            lambda c, cls=cls: IS2RETask(cls(), statistics=is2re_stats, compile=options if c else False).train(),
-            train_step,
-            is2re,
-            args.rounds,
-            device,
-        )
-        compare(
-            f"{model} S2EF energy+forces",
-            lambda c, cls=cls: S2EFTask(cls(), statistics=s2ef_stats, compile=options if c else False).eval(),
-            evaluate,
-            s2ef,
-            args.rounds,
-            device,
-        )
+        if "is2re-train" in args.passes:
+            compare(
+                f"{model} IS2RE train step",
+                lambda c, cls=cls: IS2RETask(cls(), statistics=is2re_stats, compile=options if c else False).train(),
+                train_step,
+                is2re,
+                args.rounds,
+                device,
+            )
+        if "s2ef-eval" in args.passes:
+            compare(
+                f"{model} S2EF energy+forces",
+                lambda c, cls=cls: S2EFTask(cls(), statistics=s2ef_stats, compile=options if c else False).eval(),
+                evaluate,
+                s2ef,
+                args.rounds,
+                device,
+            )
+        if "s2ef-train" in args.passes:
+            compare(
+                f"{model} S2EF train step",
+                lambda c, cls=cls: S2EFTask(cls(), statistics=s2ef_stats, compile=forces if c else False).train(),
+                train_step,
+                s2ef,
+                args.rounds,
+                device,
+            )
         torch._dynamo.reset()
 
 

@@ -73,18 +73,20 @@ class Batch(Mapping):
         return Batch(self._data, **fields)
 
     # -- sizes --------------------------------------------------------------------------
+    # Sizes are returned as the shapes hold them, not through int(): under a symbolic trace they
+    # are symbols, and int() would fix the traced graph to this batch's sizes.
     @property
     def num_structures(self) -> int:
-        return int(self._data[K.NATOMS].shape[0])
+        return self._data[K.NATOMS].shape[0]
 
     @property
     def num_atoms(self) -> int:
-        return int(self._data[K.POSITIONS].shape[0])
+        return self._data[K.POSITIONS].shape[0]
 
     @property
     def num_edges(self) -> int:
         edges = self._data.get(K.EDGE_INDEX)
-        return 0 if edges is None else int(edges.shape[1])
+        return 0 if edges is None else edges.shape[1]
 
     # -- devices and dtypes -------------------------------------------------------------
     def to(

@@ -9,10 +9,11 @@ differentiable forward pass, so autograd forces see every path from positions to
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -23,8 +24,24 @@ from matsciml.trust import resolve_class
 
 Representation = Literal["graph", "point_cloud"]
 
+#: set while matsciml traces a model into a graph itself (:mod:`matsciml.tasks.compiled_forces`)
+_TRACING = False
+
+
+@contextlib.contextmanager
+def tracing() -> Iterator[None]:
+    """Mark a ``make_fx`` trace of a model: code that reads tensor values back skips it, as under compile."""
+    global _TRACING
+    before, _TRACING = _TRACING, True
+    try:
+        yield
+    finally:
+        _TRACING = before
+
 
 def _is_compiling() -> bool:
+    if _TRACING:
+        return True
     compiler = getattr(torch, "compiler", None)  # torch.compiler.is_compiling: torch >= 2.3
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()

@@ -12,15 +12,22 @@ from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
 from matsciml.data.composition import fit_references, residual_moments
 from matsciml.models.base import AbstractEnergyModel
+from matsciml.tasks.compiled_forces import CompiledForces, unsupported_reason
 from matsciml.tasks.ema import EMAWeightAveraging
 from matsciml.tasks.normalizers import EnergyNormalizer
-from matsciml.tasks.options import check_references, compile_options, composition_sums, graph_record
+from matsciml.tasks.options import (
+    check_references,
+    compile_forces,
+    compile_options,
+    composition_sums,
+    graph_record,
+)
 from matsciml.tasks.weighted_mean import WeightedMean
 
 LossName = Literal["l1", "mse", "huber"]
@@ -53,7 +60,9 @@ class AtomisticTask(pl.LightningModule):
         compile: run the energy model through ``torch.compile``: ``True`` (with ``dynamic=True``,
             as graph sizes change every batch) or a dict of ``torch.compile`` keyword arguments
             (``backend``, ``mode``, ...). ``torch.compile`` refuses double backward, so passes that
-            train on forces (S2EF training) stay eager; everything else runs compiled.
+            train on forces (S2EF training) stay eager, unless the dict sets ``forces: true``: then
+            energy and forces are traced as one graph whose backward is first order, and that graph
+            is compiled (:mod:`matsciml.tasks.compiled_forces`; torch >= 2.6, forces without stress).
         graph: ``{"cutoff", "max_neighbors"}`` of the radius graph the task was trained on; when
             ``None``, taken from the trainer's datamodule in ``setup("fit")``. Saved in checkpoints
             and exports; the calculator and batch prediction build the same graph (see
@@ -127,6 +136,10 @@ class AtomisticTask(pl.LightningModule):
         self.model = model
         self.lr, self.gamma, self.normalize, self.loss_name = lr, gamma, normalize, loss
         self.compile_options = compile_options(compile)
+        self.compile_forces = compile_forces(compile)
+        if self.compile_forces and unsupported_reason() is not None:
+            rank_zero_warn(f"matsciml: {unsupported_reason()}; force training runs eagerly")
+            self.compile_forces = False
         self.species = None if species is None else sorted(int(z) for z in species)
         self.graph = None if graph is None else graph_record(graph)
         self._check_species()
@@ -193,8 +206,11 @@ class AtomisticTask(pl.LightningModule):
             self._record_graph(datamodule)
         if stage == "fit" and self.compile_options is not None and self.trains_forces:
             rank_zero_info(
-                "matsciml: torch.compile does not support double backward: training steps run "
-                "the eager model (forces in the loss), validation/test/predict the compiled one"
+                "matsciml: training steps compile energy and forces as one graph (compile.forces)"
+                if self.compiled_forces() is not None
+                else "matsciml: torch.compile does not support double backward: training steps run "
+                "the eager model (forces in the loss; compile: {forces: true} compiles them), "
+                "validation/test/predict the compiled one"
             )
         if stage == "fit" and not bool(self.fitted):
             statistics = getattr(datamodule, "target_statistics", None)
@@ -243,9 +259,19 @@ class AtomisticTask(pl.LightningModule):
             self.__dict__["_compiled_model"] = compiled
         return compiled
 
+    def compiled_forces(self) -> CompiledForces | None:
+        """Compiled energy-and-gradient graphs for force training (``compile: {forces: true}``), or ``None``."""
+        if not self.compile_forces:
+            return None
+        if "_compiled_forces" not in self.__dict__:  # out of the module tree, like the compiled model
+            options = {k: v for k, v in self.compile_options.items() if k != "dynamic"}
+            self.__dict__["_compiled_forces"] = CompiledForces(options)
+        return self.__dict__["_compiled_forces"]
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_compiled_model", None)  # rebuilt on first use
+        state.pop("_compiled_forces", None)
         return state
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

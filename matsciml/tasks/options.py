@@ -9,14 +9,25 @@ from matsciml.data.formats.card import COMPOSITION
 
 
 def compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:
-    """``torch.compile`` keyword arguments for the task's ``compile`` setting (``None``: eager)."""
+    """``torch.compile`` keyword arguments for the task's ``compile`` setting (``None``: eager).
+
+    The ``forces`` entry of a dict is the task's own (see :func:`compile_forces`), not passed on.
+    """
     if compile is False or compile is None:
         return None
     if compile is True:
         return {"dynamic": True}
     if isinstance(compile, Mapping):
-        return {"dynamic": True, **compile}
+        return {"dynamic": True, **{k: v for k, v in compile.items() if k != "forces"}}
     raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
+
+
+def compile_forces(compile: bool | Mapping[str, Any]) -> bool:
+    """Whether force training compiles (``compile: {forces: true}``), checked."""
+    forces = compile.get("forces", False) if isinstance(compile, Mapping) else False
+    if not isinstance(forces, bool):
+        raise TypeError(f"compile.forces must be true or false, got {forces!r}")
+    return forces
 
 
 def graph_record(graph: Mapping[str, Any]) -> dict[str, Any]:

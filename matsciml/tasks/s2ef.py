@@ -154,6 +154,10 @@ class S2EFTask(AtomisticTask):
     def trains_forces(self) -> bool:
         return self.regress_forces or self.regress_stress
 
+    def compiled_forces(self):
+        # the traced graph differentiates by positions only; stress (a strain derivative) stays eager
+        return None if self.regress_stress else super().compiled_forces()
+
     # -- prediction --------------------------------------------------------------------
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Energies ``(B,)`` in eV, and forces ``(N, 3)`` in eV/Å / stress ``(B, 3, 3)`` in eV/Å^3.
@@ -168,6 +172,13 @@ class S2EFTask(AtomisticTask):
         # Forces are derivatives of the energy: under mixed precision (bf16-mixed, 16-mixed) the
         # energy-and-force pass still runs in float32, or forces would carry bf16's 3 digits.
         full_precision = torch.autocast(device_type=batch.positions.device.type, enabled=False)
+        compiled = self.compiled_forces() if keep_graph else None
+        if compiled is not None:
+            with full_precision:
+                raw, gradient = compiled(self.model, batch)
+                # the normaliser is affine in the raw output: F = -scale * d(raw)/dx
+                forces = -gradient * self.energy_scale.to(gradient.dtype)
+                return {"energy": self.normalizer.denormalize(raw, batch), "forces": forces}
         with autograd_enabled(), full_precision:
             batch = autograd_batch(batch)
             positions = batch.positions.detach().requires_grad_(True)
