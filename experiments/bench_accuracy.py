@@ -228,7 +228,7 @@ def run_slot(args, jobs: list[str], minutes: float, data: dict, work: Path) -> l
     for job in jobs:
         if job == PEER:
             others = [j for j in jobs if j != job]
-            row = {"model": f"nequip (beside {', '.join(others) or 'nothing'})"}
+            row = {"model": f"nequip 0.19.1 (beside {', '.join(others) or 'nothing'})"}
             row.update(
                 evaluate_nequip(args.nequip_python, folders[job], data["files"]["test"], data["records"]["test"])
             )
