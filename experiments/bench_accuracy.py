@@ -168,6 +168,9 @@ def evaluate_nequip(python: Path, run: Path, test_file: str, test: list[dict]) -
             "steps": int(saved["steps"]),
             "parameters": int(saved["parameters"]),
         }
+    # nequip's last.ckpt is only rewritten when best.ckpt is (save_last with a monitored filename):
+    # once validation stops improving it lags, so count the steps from its CSV log instead
+    result["steps"] = max(result["steps"], nequip_logged_steps(run))
     result["own_test"] = own = nequip_test_log(run)
     # nequip's test run scores every atom, as force_mae_all_atoms does: the two must agree
     for key, ours in (
@@ -179,6 +182,14 @@ def evaluate_nequip(python: Path, run: Path, test_file: str, test: list[dict]) -
                 f"warning: nequip's own test {key} {own[key]:.3f} differs from the one scored here, {result[ours]:.3f}"
             )
     return result
+
+
+def nequip_logged_steps(run: Path) -> int:
+    """Optimiser steps at nequip's last validation, from its CSV log (whose ``step`` there is one less)."""
+    import csv
+
+    rows = [row for path in run.glob("csv/version_*/metrics.csv") for row in csv.DictReader(path.open())]
+    return max((int(row["step"]) + 1 for row in rows if row.get("val0_epoch/forces_mae")), default=0)
 
 
 def nequip_test_log(run: Path) -> dict[str, float]:
