@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from matsciml.models import EGNN
+from matsciml.models import EGNN, MegNet
+
+
+def tiny_megnet() -> MegNet:
+    """A MegNet small enough for a Lightning run (or a compile) in seconds."""
+    return MegNet(
+        num_blocks=1,
+        dense_sizes=(16, 8),
+        conv_sizes=(16, 8),
+        num_gaussians=8,
+        set2set_layers=1,
+        set2set_steps=2,
+        output_sizes=(8,),
+        dropout=0.0,
+    )
 
 
 def tiny_egnn(**kwargs) -> EGNN:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.training import quiet_trainer, tiny_egnn
+from helpers.training import quiet_trainer, tiny_egnn, tiny_megnet
 
 from matsciml.data.batch import Batch
 from matsciml.data.datamodules import S2EFDataModule
-from matsciml.models import MegNet
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks import S2EFTask
 from matsciml.tasks.compiled_forces import CompiledForces
@@ -26,19 +25,6 @@ AOT_FORCES = {"backend": "aot_eager", "forces": True}
 def fresh_dynamo():
     yield
     torch._dynamo.reset()
-
-
-def tiny_megnet() -> MegNet:
-    return MegNet(
-        num_blocks=1,
-        dense_sizes=(16, 8),
-        conv_sizes=(16, 8),
-        num_gaussians=8,
-        set2set_layers=1,
-        set2set_steps=2,
-        output_sizes=(8,),
-        dropout=0.0,
-    )
 
 
 def float64(batch: Batch) -> Batch:

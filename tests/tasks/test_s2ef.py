@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.physics import small_bulk
-from helpers.training import quiet_trainer, tiny_egnn
+from helpers.training import quiet_trainer, tiny_egnn, tiny_megnet
 from lightning.pytorch import seed_everything
 
 from matsciml.data.datamodules import S2EFDataModule
@@ -204,20 +204,11 @@ def test_every_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search
     # lazily built or unused heads force DDP's find_unused_parameters=True (REFERENCE.md §3)
     from helpers.physics import slab, small_bulk
 
-    from matsciml.models import Gala, MegNet
+    from matsciml.models import Gala
 
     models = {
         "egnn": lambda: tiny_egnn(),
-        "megnet": lambda: MegNet(
-            num_blocks=1,
-            dense_sizes=(16, 8),
-            conv_sizes=(16, 8),
-            num_gaussians=8,
-            set2set_layers=1,
-            set2set_steps=2,
-            output_sizes=(8,),
-            dropout=0.0,
-        ),
+        "megnet": tiny_megnet,
         "gala": lambda: Gala(hidden=8, num_blocks=1),
     }
     model = models[name]()
