@@ -112,8 +112,7 @@ def _cmd_devset_md(args: argparse.Namespace) -> None:
     frames = {split: getattr(args, f"frames_{split}") for split in ("train", "val", "test")}
     # beside the devset (devsets/md.step.json), as its three splits move into place together at the end
     with recorded(dataset_record(args.out, "devset md", args.command, _step_config(args))) as record:
-        frames_given = {split: count for split, count in frames.items() if count}
-        build_md_devset(args.out, args.seed, args.overwrite, frames_given, workers=args.workers)
+        build_md_devset(args.out, args.seed, args.overwrite, frames, workers=args.workers)
         for split in frames:
             path = args.out / split
             record.add_output(f"dataset:md/{split}", path, kind="dataset", digest=dataset_digest(path))
@@ -223,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--out", type=Path, default=Path("devsets/md"), help="output folder (default: devsets/md)")
     md.add_argument("--seed", type=int, default=0)
     for split, count in (("train", 130), ("val", 30), ("test", 50)):
-        md.add_argument(f"--frames-{split}", type=_positive, help=f"frames in {split} (default: {count})")
+        md.add_argument(f"--frames-{split}", type=_positive, default=count, help="frames (default: %(default)s)")
     md.add_argument("--workers", type=_positive, help="parallel EMT processes (default: one per core, up to 4)")
     md.add_argument("--overwrite", action="store_true")
     md.set_defaults(func=_cmd_devset_md)

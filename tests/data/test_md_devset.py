@@ -101,11 +101,13 @@ def test_trajectories_are_split_evenly_and_never_shared():
 
 
 def test_cli_defaults_are_the_builder_defaults(capsys):
+    args = build_parser().parse_args(["devset", "md"])
+    assert {split: getattr(args, f"frames_{split}") for split in DEFAULT_FRAMES} == DEFAULT_FRAMES
     with pytest.raises(SystemExit):
         build_parser().parse_args(["devset", "md", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for split, count in DEFAULT_FRAMES.items():
-        assert f"frames in {split} (default: {count})" in text
+        assert f"--frames-{split} FRAMES_{split.upper()} frames (default: {count})" in text
 
 
 def test_shipped_set_has_its_sizes_cards_and_free_bulk_atoms(shipped):
