@@ -2,7 +2,9 @@
 
 This is the data pipeline a training run uses, end to end, without a model: a corrupt
 record, a missing target or a structure without neighbours fails here with a message
-naming the file and record, before any GPU time is spent.
+naming the file and record, before any GPU time is spent. It also says which integrity
+checks the dataset allows (:mod:`matsciml.data.integrity`); ``verify=True`` recomputes the
+card's content hash first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from matsciml.data.batch import collate
 from matsciml.data.datasets import LMDBDataset
+from matsciml.data.integrity import integrity_notes, verify_content_hash
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.progress import progress_bar
 
@@ -29,14 +32,27 @@ def check_dataset(
     num_workers: int = 0,
     limit: int | None = None,
     console: Console | None = None,
+    verify: bool = False,
 ) -> dict:
     """Iterate the whole dataset as training would and print what was seen.
 
+    Args:
+        verify: first recompute the card's SHA-256 content hash over every stored byte.
+
     Returns:
         Counts of structures, atoms and edges, and the elapsed time in seconds.
+
+    Raises:
+        DataError: a bad record, shard set or (with ``verify``) content hash.
     """
     console = console or Console()
     dataset = LMDBDataset(path, transforms=[RadiusGraph(cutoff, max_neighbors)], task=task)
+    for note in integrity_notes(dataset.metadata):
+        console.print(f"integrity: {note}", markup=False, highlight=False)
+    if verify and dataset.metadata is not None:
+        console.print(f"integrity: content hash verified ({verify_content_hash(path)})", markup=False, highlight=False)
+    elif verify:
+        console.print("integrity: no content hash to verify (legacy OC20 files have none)", markup=False)
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
