@@ -47,12 +47,12 @@ def check_dataset(
     """
     console = console or Console()
     dataset = LMDBDataset(path, transforms=[RadiusGraph(cutoff, max_neighbors)], task=task)
-    for note in integrity_notes(dataset.metadata):
-        console.print(f"integrity: {note}", markup=False, highlight=False)
-    if verify and dataset.metadata is not None:
-        console.print(f"integrity: content hash verified ({verify_content_hash(path)})", markup=False, highlight=False)
-    elif verify:
-        console.print("integrity: no content hash to verify (legacy OC20 files have none)", markup=False)
+    notes = integrity_notes(dataset.metadata)
+    if verify:
+        verified = f"content hash verified ({verify_content_hash(path)})" if dataset.metadata is not None else None
+        notes.append(verified or "no content hash to verify (legacy OC20 files have none)")
+    for note in notes:
+        console.print(f"integrity: {note}", soft_wrap=True, markup=False, highlight=False)
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
