@@ -54,9 +54,10 @@ FORMAT_NAME = "matsciml-lmdb"
 METADATA_KEY = b"metadata"
 NATOMS_KEY = b"natoms"
 _PREFIX = struct.Struct("<4sHI")
-# CRC-32, not a cryptographic hash: it catches every 1-3 bit flip and burst errors up to 32
-# bits in a record, at ~1 GB/s, and nobody forges records bit by bit; the card's SHA-256
-# content hash (``data check --verify``) covers the dataset as a whole.
+# CRC-32, not a cryptographic hash: it catches every one- or two-bit flip and every burst of up
+# to 32 bits in a record (anything else with probability 1 - 2^-32) at ~1 GB/s, which is what
+# disks and copies do; deliberate edits are the business of the card's SHA-256 content hash
+# (``data check --verify``), which covers the dataset as a whole.
 _CRC = struct.Struct("<I")
 _ALLOWED_KINDS = "biuf"  # bool, signed, unsigned, float: nothing that can hold an object
 
