@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from matsciml.data.batch import collate
 from matsciml.data.datasets import LMDBDataset
+from matsciml.data.formats.store import CHECKSUM_VERSION
 from matsciml.data.integrity import integrity_notes, verify_content_hash
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.progress import progress_bar
@@ -48,6 +49,9 @@ def check_dataset(
     console = console or Console()
     dataset = LMDBDataset(path, transforms=[RadiusGraph(cutoff, max_neighbors)], task=task)
     notes = integrity_notes(dataset.metadata)
+    unchecked = dataset.metadata is not None and dataset.metadata.get("codec_version", 1) < CHECKSUM_VERSION
+    if unchecked and not verify:  # then the content hash is the only guard against a flipped bit
+        notes.append("add --verify to check the records against the card's content hash")
     if verify:
         verified = f"content hash verified ({verify_content_hash(path)})" if dataset.metadata is not None else None
         notes.append(verified or "no content hash to verify (legacy OC20 files have none)")

@@ -172,6 +172,14 @@ def test_codec_v1_records_still_read_and_say_they_are_unchecked(v1_devset):
     assert "integrity: content hash verified (sha256:5b13d4ae003d" in text
 
 
+def test_a_flipped_bit_in_a_v1_record_is_found_by_verify_only(v1_devset, capsys):
+    _flip_position(v1_devset)  # the case on a shipped devset: no CRC to catch it on read
+    assert main(["data", "check", str(v1_devset)]) == 0
+    assert "integrity: add --verify to check the records against the card's content hash" in capsys.readouterr().out
+    assert main(["data", "check", str(v1_devset), "--verify"]) == 2
+    assert f"matsciml: error: {v1_devset}: content hash mismatch" in capsys.readouterr().err
+
+
 def test_a_lost_shard_of_a_v1_dataset_is_found_from_the_shard_count(v1_devset, capsys):
     (v1_devset / "data.0001.lmdb").unlink()  # the case: 200 records, then 133
     assert main(["data", "info", str(v1_devset)]) == 2
