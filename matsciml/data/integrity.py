@@ -48,7 +48,7 @@ def check_shard_set(folder: Path, shards: Sequence[ShardLike]) -> None:
     if not carded:
         return  # legacy OC20: no card to compare with
     card = carded[0].card
-    listed = card.get("shards") or [{"name": None, "count": None}] * int(card["num_shards"])
+    listed = card.get("shards") or _unlisted_shards(int(card["num_shards"]))
     summary = f"the card lists {len(listed)} shard(s) holding {card['num_records']} records"
     seen: dict[int, ShardLike] = {}
     for shard in shards:
@@ -89,6 +89,12 @@ def check_shard_set(folder: Path, shards: Sequence[ShardLike]) -> None:
         raise DataError(
             folder, f"shard files out of order: {files} hold shards {held}; give the files back their names"
         )
+
+
+def _unlisted_shards(num_shards: int) -> list[dict]:
+    """The shard list of a card written before it had one: a writer of several shards named them
+    ``data.NNNN.lmdb`` by index; their counts are in the shards' own cards only."""
+    return [{"name": f"data.{i:04d}.lmdb" if num_shards > 1 else None, "count": None} for i in range(num_shards)]
 
 
 def verify_content_hash(path: str | Path) -> str:

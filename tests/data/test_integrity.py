@@ -183,7 +183,8 @@ def test_a_flipped_bit_in_a_v1_record_is_found_by_verify_only(v1_devset, capsys)
 def test_a_lost_shard_of_a_v1_dataset_is_found_from_the_shard_count(v1_devset, capsys):
     (v1_devset / "data.0001.lmdb").unlink()  # the case: 200 records, then 133
     assert main(["data", "info", str(v1_devset)]) == 2
-    assert "shard(s) index 1 missing: the card lists 3 shard(s) holding 200 records" in capsys.readouterr().err
+    expected = "data.0001.lmdb missing: the card lists 3 shard(s) holding 200 records, the folder has 2 holding 133"
+    assert expected in capsys.readouterr().err
 
 
 def test_legacy_oc20_files_say_they_have_no_checksums(tmp_path):
