@@ -6,7 +6,9 @@ Measures, in one run and on the same records:
   with ``num_workers`` 0, 1 and 2;
 * ``ase``: the same pipeline with ``ase.neighborlist.neighbor_list`` building the graph;
 * ``raw``: LMDB reads + decoding + vesin alone (no validation, no neighbour capping, no
-  batching) - the floor the pipeline is compared with.
+  batching) - the floor the pipeline is compared with;
+* ``decode``: LMDB reads + decoding alone, with and without the per-record CRC-32 check
+  (issue 13), alternating so both see the same cache and load.
 
 Targets (issue 2): pipeline >= 20x ase; pipeline (1 worker) within 1.5x of raw;
 2 workers >= 1.6x one worker.
@@ -90,6 +92,41 @@ def time_raw(path: Path, limit: int | None) -> tuple[float, int]:
     return count / (time.perf_counter() - start), count
 
 
+def time_decode(path: Path, verify: bool) -> tuple[float, int]:
+    """LMDB reads and decoding alone: the floor the CRC-32 check of every read adds to."""
+    count = 0
+    start = time.perf_counter()
+    for shard in lmdb_shards.shard_paths(path):
+        env = lmdb_shards.reader(shard)
+        n = store.read_metadata(env, shard)["shard"]["count"]
+        with env.begin() as txn:
+            for key in range(n):
+                store.decode(txn.get(lmdb_shards.record_key(key)), verify=verify)
+                count += 1
+    return count / (time.perf_counter() - start), count
+
+
+def bench_checksum(path: Path, pipeline_rate: float, repeats: int = 5) -> None:
+    """Best of ``repeats`` alternating passes each way, so neither side gets a warmer cache;
+    the extra time per record is also given as a share of the pipeline's time per structure."""
+    card = store.read_metadata(lmdb_shards.reader(lmdb_shards.shard_paths(path)[0]), path)
+    if card.get("codec_version", 1) < store.CHECKSUM_VERSION:
+        print(f"decode: codec v{card.get('codec_version', 1)} records carry no CRC-32 (nothing to verify)")
+        return
+    rates = {True: [], False: []}
+    for _ in range(repeats):
+        for verify in (False, True):
+            rate, n = time_decode(path, verify)
+            rates[verify].append(rate)
+    plain, checked = max(rates[False]), max(rates[True])
+    print(f"LMDB + decode, no CRC check {plain:>9.0f} records/s  ({n} records, best of {repeats})")
+    extra = 1 / checked - 1 / plain  # seconds per record
+    print(
+        f"LMDB + decode + CRC-32      {checked:>9.0f} records/s  (+{1e6 * extra:.1f} µs per record: "
+        f"{100 * extra * plain:+.1f}% of decoding, {100 * extra * pipeline_rate:+.2f}% of the pipeline)"
+    )
+
+
 def bench(name: str, path: Path, ase_limit: int, max_neighbors: int | None) -> dict:
     print(f"\n== {name}: {path}")
     torch.set_num_threads(1)
@@ -110,6 +147,7 @@ def bench(name: str, path: Path, ase_limit: int, max_neighbors: int | None) -> d
     )
     print(f"pipeline cost vs raw:           {overhead:.2f}x (target <= 1.5x) {'OK' if overhead <= 1.5 else 'MISSED'}")
     print(f"2 workers vs 1 worker:          {scaling:.2f}x (target >= 1.6x) {'OK' if scaling >= 1.6 else 'MISSED'}")
+    bench_checksum(path, results["pipeline_w0"])
     return results
 
 

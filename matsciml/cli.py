@@ -56,6 +56,7 @@ def _cmd_data_check(args: argparse.Namespace) -> None:
         max_neighbors=args.max_neighbors,
         num_workers=args.num_workers,
         limit=args.limit,
+        verify=args.verify,
     )
 
 
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--num-workers", type=_count, default=0)
     check.add_argument("--limit", type=_positive, help="stop after this many structures")
+    check.add_argument("--verify", action="store_true", help="also recompute the card's SHA-256 content hash")
     check.set_defaults(func=_cmd_data_check)
 
     convert = data_commands.add_parser(

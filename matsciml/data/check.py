@@ -2,7 +2,9 @@
 
 This is the data pipeline a training run uses, end to end, without a model: a corrupt
 record, a missing target or a structure without neighbours fails here with a message
-naming the file and record, before any GPU time is spent.
+naming the file and record, before any GPU time is spent. It also says which integrity
+checks the dataset allows (:mod:`matsciml.data.integrity`); ``verify=True`` recomputes the
+card's content hash first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch.utils.data import DataLoader, Subset
 
 from matsciml.data.batch import collate
 from matsciml.data.datasets import LMDBDataset
+from matsciml.data.formats.store import CHECKSUM_VERSION
+from matsciml.data.integrity import integrity_notes, verify_content_hash
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.progress import progress_bar
 
@@ -29,14 +33,30 @@ def check_dataset(
     num_workers: int = 0,
     limit: int | None = None,
     console: Console | None = None,
+    verify: bool = False,
 ) -> dict:
     """Iterate the whole dataset as training would and print what was seen.
 
+    Args:
+        verify: first recompute the card's SHA-256 content hash over every stored byte.
+
     Returns:
         Counts of structures, atoms and edges, and the elapsed time in seconds.
+
+    Raises:
+        DataError: a bad record, shard set or (with ``verify``) content hash.
     """
     console = console or Console()
     dataset = LMDBDataset(path, transforms=[RadiusGraph(cutoff, max_neighbors)], task=task)
+    notes = integrity_notes(dataset.metadata)
+    unchecked = dataset.metadata is not None and dataset.metadata.get("codec_version", 1) < CHECKSUM_VERSION
+    if unchecked and not verify:  # then the content hash is the only guard against a flipped bit
+        notes.append("add --verify to check the records against the card's content hash")
+    if verify:
+        verified = f"content hash verified ({verify_content_hash(path)})" if dataset.metadata is not None else None
+        notes.append(verified or "no content hash to verify (legacy OC20 files have none)")
+    for note in notes:
+        console.print(f"integrity: {note}", soft_wrap=True, markup=False, highlight=False)
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)

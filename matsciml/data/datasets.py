@@ -16,6 +16,7 @@ import torch.utils.data
 
 from matsciml.data.errors import DataError
 from matsciml.data.formats import lmdb_shards, oc20, store
+from matsciml.data.integrity import check_shard_set
 from matsciml.data.records import Record, check_stored_record, validate_record
 from matsciml.data.transforms import Compose
 
@@ -23,7 +24,7 @@ Transform = Callable[[Record], Record]
 
 
 class _Shard:
-    """One LMDB file: its format and record count.
+    """One LMDB file: its format, record count and number of LMDB keys (``entries``).
 
     The environment comes from :func:`lmdb_shards.reader` (one per file and process);
     the shard remembers it for its own process only and drops it when pickled, so it
@@ -35,6 +36,7 @@ class _Shard:
         env = lmdb_shards.reader(path)
         self._env, self._pid = env, os.getpid()
         _check_not_truncated(env, path)
+        self.entries = int(env.stat()["entries"])
         self.card = store.read_metadata(env, path)
         if self.card is not None:
             self.length = int(self.card["shard"]["count"])
@@ -82,7 +84,8 @@ class LMDBDataset(torch.utils.data.Dataset):
         task: ``"s2ef"`` or ``"is2re"`` to require that task's targets in every record.
 
     Raises:
-        DataError: missing path, unreadable or truncated shard, or no records at all.
+        DataError: missing path, unreadable or truncated shard, shard files that do not match
+            the dataset card (:func:`~matsciml.data.integrity.check_shard_set`), or no records.
     """
 
     task: str | None = None
@@ -96,6 +99,8 @@ class LMDBDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         self.task = task if task is not None else type(self).task
         self.shards = [_Shard(p) for p in lmdb_shards.shard_paths(self.path)]
+        if self.path.is_dir():  # one file named on its own is read as it is
+            check_shard_set(self.path, self.shards)
         self.offsets = np.concatenate([[0], np.cumsum([s.length for s in self.shards])]).astype(np.int64)
         if self.offsets[-1] == 0:
             raise DataError(self.path, "dataset holds no records")

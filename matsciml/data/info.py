@@ -23,7 +23,8 @@ def dataset_card(path: str | Path) -> tuple[dict, LMDBDataset]:
     dataset = LMDBDataset(path)
     if dataset.metadata is not None:
         card = {key: value for key, value in dataset.metadata.items() if key != "shard"}
-        card["num_shards"] = len(dataset.shards)
+        # what was opened: one shard file named on its own holds part of the card's records
+        card["num_records"], card["num_shards"] = len(dataset), len(dataset.shards)
         return card, dataset
     count = min(len(dataset), LEGACY_SAMPLE)
     first = dataset.read(0)

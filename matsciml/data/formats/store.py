@@ -2,11 +2,18 @@
 
 Each record value is::
 
-    b"MSML" | uint16 version | uint32 header length | JSON header | array bytes
+    b"MSML" | uint16 version | uint32 header length | JSON header | array bytes | uint32 CRC-32
 
 where the header lists ``[name, dtype, shape]`` for each array and the bytes follow in
 that order, each padded to 8 bytes. Only plain numeric and boolean dtypes are accepted,
-so decoding never constructs an arbitrary object (unlike pickle).
+so decoding never constructs an arbitrary object (unlike pickle). All integers are
+little-endian.
+
+The trailing CRC-32 (:func:`zlib.crc32`, codec version 2 on) covers every byte before it,
+prefix included, and is checked on every read: a flipped bit or a bad copy becomes a
+:class:`DataError` naming the shard and record instead of an atom moved by 1e10 Å. Every
+later version keeps this trailer, so a corrupt version field is reported as corruption.
+Version 1 records (the shipped devsets) have no trailer and still read, unchecked.
 
 Each shard also holds two reserved keys:
 
@@ -26,6 +33,7 @@ import os
 import shutil
 import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +46,19 @@ from matsciml.data.formats.card import DatasetStatistics
 from matsciml.data.records import Record, validate_record
 
 MAGIC = b"MSML"
-CODEC_VERSION = 1
+CODEC_VERSION = 2
+#: The first codec version whose records end in a CRC-32 of all preceding bytes.
+CHECKSUM_VERSION = 2
 SCHEMA_VERSION = 1
 FORMAT_NAME = "matsciml-lmdb"
 METADATA_KEY = b"metadata"
 NATOMS_KEY = b"natoms"
 _PREFIX = struct.Struct("<4sHI")
+# CRC-32, not a cryptographic hash: it catches every one- or two-bit flip and every burst of up
+# to 32 bits in a record (anything else with probability 1 - 2^-32) at ~1 GB/s, which is what
+# disks and copies do; deliberate edits are the business of the card's SHA-256 content hash
+# (``data check --verify``), which covers the dataset as a whole.
+_CRC = struct.Struct("<I")
 _ALLOWED_KINDS = "biuf"  # bool, signed, unsigned, float: nothing that can hold an object
 
 
@@ -59,27 +74,45 @@ def encode(arrays: dict[str, np.ndarray]) -> bytes:
         chunks.append(data + b"\0" * (-len(data) % 8))
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-(len(head) + _PREFIX.size) % 8)
-    return _PREFIX.pack(MAGIC, CODEC_VERSION, len(head)) + head + b"".join(chunks)
+    body = _PREFIX.pack(MAGIC, CODEC_VERSION, len(head)) + head + b"".join(chunks)
+    return body + _CRC.pack(zlib.crc32(body))
 
 
-def decode(value: bytes, source: str | os.PathLike = "<bytes>", index: int | str = "?") -> dict[str, np.ndarray]:
+def decode(
+    value: bytes, source: str | os.PathLike = "<bytes>", index: int | str = "?", *, verify: bool = True
+) -> dict[str, np.ndarray]:
     """Decode :func:`encode`'s output into writable arrays.
 
+    Args:
+        value: one stored record value.
+        source, index: the shard file and record key, for error messages.
+        verify: check the CRC-32 of version >= 2 records; ``False`` only to time the check.
+
     Raises:
-        DataError: the bytes are truncated, of another format or of a newer version.
+        DataError: the bytes are truncated, corrupt (checksum mismatch), of another format
+            or of a newer version.
     """
     if len(value) < _PREFIX.size:
         raise DataError(source, f"value is {len(value)} bytes, too short for a matsciml record", index)
     magic, version, head_len = _PREFIX.unpack_from(value)
     if magic != MAGIC:
         raise DataError(source, "value is not a matsciml record (bad magic bytes)", index)
+    end = len(value)
+    if version >= CHECKSUM_VERSION:
+        end -= _CRC.size
+        if end < _PREFIX.size:
+            raise DataError(source, f"value is {len(value)} bytes, too short for a matsciml record", index)
+        if verify:
+            _verify_checksum(value, end, source, index)
+    elif version < 1:
+        raise DataError(source, f"record has codec version {version}, which no matsciml writes (corrupt record)", index)
     if version > CODEC_VERSION:
         raise DataError(
             source,
             f"record encoded with codec version {version}; this matsciml reads <= {CODEC_VERSION} (upgrade matsciml)",
             index,
         )
-    buffer = bytearray(value)  # one copy, so the arrays are writable and outlive the transaction
+    buffer = bytearray(memoryview(value)[:end])  # one copy: writable arrays that outlive the transaction
     try:
         header = json.loads(bytes(buffer[_PREFIX.size : _PREFIX.size + head_len]))
         offset = _PREFIX.size + head_len
@@ -95,6 +128,18 @@ def decode(value: bytes, source: str | os.PathLike = "<bytes>", index: int | str
     except (ValueError, TypeError, json.JSONDecodeError) as err:
         raise DataError(source, f"corrupt matsciml record: {err}", index) from None
     return out
+
+
+def _verify_checksum(value: bytes, end: int, source: str | os.PathLike, index: int | str) -> None:
+    (stored,) = _CRC.unpack_from(value, end)
+    computed = zlib.crc32(memoryview(value)[:end])
+    if computed != stored:
+        raise DataError(
+            source,
+            f"checksum mismatch (CRC-32 stored {stored:08x}, computed {computed:08x}): the record's bytes "
+            "changed after it was written (disk or copy error); restore this file from a good copy",
+            index,
+        )
 
 
 @functools.cache
@@ -302,6 +347,8 @@ class DatasetWriter:
             "matsciml_version": __version__,
             "num_records": sum(s["count"] for s in self._shards),
             "num_shards": len(self._shards),
+            # checked whenever the dataset opens (matsciml.data.integrity): a lost or stray shard is an error
+            "shards": [{"name": s["name"], "count": s["count"]} for s in self._shards],
             "units": {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å^3"},
             "content_hash": "sha256:" + self._hash.hexdigest(),
             **self._stats.summary(),
