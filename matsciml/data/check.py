@@ -1,7 +1,7 @@
 """``matsciml data check``: read every record, build graphs and batches, report problems.
 
 This is the data pipeline a training run uses, end to end, without a model: a corrupt
-record, a missing target or a structure without neighbours fails here with a message
+record, a missing target or two atoms closer than ``min_distance`` fail here with a message
 naming the file and record, before any GPU time is spent.
 """
 
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 from matsciml.data.batch import collate
 from matsciml.data.datasets import LMDBDataset
+from matsciml.data.min_distance import DEFAULT_MIN_DISTANCE
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.progress import progress_bar
 
@@ -29,6 +30,7 @@ def check_dataset(
     num_workers: int = 0,
     limit: int | None = None,
     console: Console | None = None,
+    min_distance: float = DEFAULT_MIN_DISTANCE,
 ) -> dict:
     """Iterate the whole dataset as training would and print what was seen.
 
@@ -36,7 +38,7 @@ def check_dataset(
         Counts of structures, atoms and edges, and the elapsed time in seconds.
     """
     console = console or Console()
-    dataset = LMDBDataset(path, transforms=[RadiusGraph(cutoff, max_neighbors)], task=task)
+    dataset = LMDBDataset(path, transforms=[RadiusGraph(cutoff, max_neighbors, min_distance)], task=task)
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
