@@ -137,7 +137,7 @@ class MatSciMLCalculator(Calculator):
         self.device = torch.device(device)
         self.task = task.to(device=self.device, dtype=self.dtype).eval()
         self.graph = inference_graph(task, max_neighbors)  # warns once here if capped, not per call
-        self.graph["min_distance"] = check_min_distance_setting(min_distance)
+        self.min_distance = check_min_distance_setting(min_distance)
         self.species = None if getattr(task, "species", None) is None else {int(z) for z in task.species}
         properties = ["energy", "free_energy"]
         if getattr(task, "regress_forces", False):
@@ -186,7 +186,9 @@ class MatSciMLCalculator(Calculator):
             )
         super().calculate(atoms, properties, system_changes)
         self._check_species(self.atoms)
-        batch = batch_from_atoms(self.atoms, dtype=self.dtype, **self.graph).to(self.device)
+        batch = batch_from_atoms(self.atoms, dtype=self.dtype, min_distance=self.min_distance, **self.graph).to(
+            self.device
+        )
         out = self.task(batch)  # forces and stress need autograd: no torch.no_grad here
         energy = float(out["energy"].detach()[0])
         self.results = {"energy": energy, "free_energy": energy}
