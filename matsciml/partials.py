@@ -54,9 +54,13 @@ def partials(destination: str | os.PathLike) -> dict[int, Path]:
 
 def remove_stale_partials(destination: str | os.PathLike) -> list[int]:
     """Remove the partials of ``destination`` whose process is dead; return those pids."""
-    dead = sorted(pid for pid in partials(destination) if pid != os.getpid() and not pid_alive(pid))
+    found = partials(destination)
+    dead = sorted(pid for pid in found if pid != os.getpid() and not pid_alive(pid))
     for pid in dead:
-        shutil.rmtree(partial_path(destination, pid), ignore_errors=True)
+        if found[pid].is_dir() and not found[pid].is_symlink():
+            shutil.rmtree(found[pid], ignore_errors=True)
+        else:
+            found[pid].unlink(missing_ok=True)
     return dead
 
 
