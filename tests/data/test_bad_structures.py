@@ -64,9 +64,9 @@ def write_xyz(path: Path, frames: list[Atoms]) -> Path:
     return path
 
 
-def across_a_cell_face() -> dict[str, np.ndarray]:
-    """fcc Cu whose atom 1 sits 0.05 Å from atom 0's periodic image across the x face (3.6 Å apart inside)."""
-    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+def across_a_cell_face(repeat: int = 1) -> dict[str, np.ndarray]:
+    """fcc Cu whose atom 1 sits 0.05 Å from atom 0's periodic image across the x face (far apart inside)."""
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(repeat)
     atoms.positions[1] = atoms.positions[0] + atoms.cell.array[0] - [0.05, 0.0, 0.0]
     return {"positions": atoms.positions, "cell": atoms.cell.array, "pbc": atoms.pbc}
 
@@ -108,8 +108,9 @@ def test_check_and_loading_refuse_duplicated_atoms_with_the_record(tmp_path, cap
     assert next(iter(relaxed.train_dataloader())).num_structures == 3
 
 
-def test_periodic_images_count():
-    record = across_a_cell_face()
+@pytest.mark.parametrize("repeat", [1, 4], ids=["4 atoms: every pair", "256 atoms: vesin"])
+def test_periodic_images_count(repeat):
+    record = across_a_cell_face(repeat)
     message = r"atoms 0 and 1 are 0\.05 Å apart \(periodic image shifted by \[-?1, 0, 0\] cells\)"
     with pytest.raises(ValueError, match=message):
         RadiusGraph(cutoff=6.0)(dict(record))  # from the graph's own neighbour list
@@ -118,7 +119,7 @@ def test_periodic_images_count():
     with pytest.raises(ValueError, match=message):
         RadiusGraph(cutoff=0.04, min_distance=0.1)(dict(record))  # a minimum beyond the cutoff
     without_pbc = {**record, "pbc": np.zeros(3, dtype=bool)}
-    check_min_distance(**without_pbc)  # without periodicity the atoms are 3.55 Å apart
+    check_min_distance(**without_pbc)  # without periodicity the atoms are far apart
     with pytest.raises(ValueError, match="min_distance must be >= 0"):
         RadiusGraph(min_distance=-1.0)
 
