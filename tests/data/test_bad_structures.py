@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import ase.io
+import jsonschema
 import numpy as np
 import pytest
 from ase import Atoms
@@ -32,7 +33,7 @@ from matsciml.data.errors import DataError
 from matsciml.data.min_distance import check_min_distance
 from matsciml.data.neighbors import RadiusGraph
 from matsciml.partials import close_interrupted_record, partial_path, pid_alive
-from matsciml.provenance import INTERRUPTED, load_record
+from matsciml.provenance import INTERRUPTED, dataset_record, load_record, load_schema
 
 REPO = Path(matsciml.__file__).resolve().parents[1]
 
@@ -219,10 +220,12 @@ def test_the_dead_record_is_closed_interrupted_before_the_next_step_records(tmp_
     destination = tmp_path / "data"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    running = dataset_record(destination, "data convert", ["matsciml", "data", "convert"], {})
+    running.save()  # as the dead step left it: RUNNING, and its partial
     partial_path(destination, dead.pid).mkdir()
-    record = tmp_path / "data.step.json"
-    record.write_text(json.dumps({"status": "RUNNING", "run_id": "dead", "started_at": "then"}))
-    closed = close_interrupted_record(record, destination)
-    assert closed["run_id"] == "dead" and not partial_path(destination, dead.pid).exists()
-    data = json.loads(record.read_text())
-    assert data["status"] == INTERRUPTED and data["error"]["type"] == "ProcessDied" and data["ended_at"]
+    following = dataset_record(destination, "data convert", ["matsciml", "data", "convert"], {})
+    assert following.data["links"]["interrupted"]["run_id"] == running.data["run_id"]
+    assert not partial_path(destination, dead.pid).exists()
+    closed = load_record(running.path)  # on disk until the following step saves its own record
+    jsonschema.validate(closed, load_schema(), format_checker=jsonschema.FormatChecker())
+    assert closed["status"] == INTERRUPTED and closed["error"]["type"] == "ProcessDied" and closed["ended_at"]
