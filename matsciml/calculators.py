@@ -24,8 +24,11 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.data import chemical_symbols
 
 from matsciml.checkpoints import Which
+from matsciml.data.errors import DataError
+from matsciml.data.min_distance import DEFAULT_MIN_DISTANCE, check_min_distance_setting
 from matsciml.data.structures import batch_from_atoms
 from matsciml.tasks.base import AtomisticTask
 
@@ -106,6 +109,12 @@ class MatSciMLCalculator(Calculator):
         max_neighbors: neighbour cap of the radius graph: ``"trained"`` (default) as recorded in
             the task (no cap unless it was trained with one; a cap warns), ``None`` for every
             neighbour within the cutoff (a smooth energy surface), or an integer.
+        min_distance: refuse Atoms with two atoms closer than this, in Å, periodic images included
+            (``0``: no check), as data loading does (:mod:`matsciml.data.min_distance`).
+
+    Atoms holding elements the task was not trained on (``task.species``, recorded from the
+    training data) are refused with a :class:`~matsciml.data.errors.DataError` naming them: the
+    model has never seen them and would answer with an untrained embedding.
 
     Properties: ``energy`` (and ``free_energy``, the same); ``forces`` for S2EF tasks that
     regress forces; ``stress`` for tasks trained with ``regress_stress``. An IS2RE task predicts
@@ -118,6 +127,7 @@ class MatSciMLCalculator(Calculator):
         device: str | torch.device = "cpu",
         dtype: str = "float32",
         max_neighbors: MaxNeighbors = TRAINED,
+        min_distance: float = DEFAULT_MIN_DISTANCE,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -127,6 +137,8 @@ class MatSciMLCalculator(Calculator):
         self.device = torch.device(device)
         self.task = task.to(device=self.device, dtype=self.dtype).eval()
         self.graph = inference_graph(task, max_neighbors)  # warns once here if capped, not per call
+        self.min_distance = check_min_distance_setting(min_distance)
+        self.species = None if getattr(task, "species", None) is None else {int(z) for z in task.species}
         properties = ["energy", "free_energy"]
         if getattr(task, "regress_forces", False):
             properties.append("forces")
@@ -173,7 +185,10 @@ class MatSciMLCalculator(Calculator):
                 f"(it predicts {', '.join(self.implemented_properties)})"
             )
         super().calculate(atoms, properties, system_changes)
-        batch = batch_from_atoms(self.atoms, dtype=self.dtype, **self.graph).to(self.device)
+        self._check_species(self.atoms)
+        batch = batch_from_atoms(self.atoms, dtype=self.dtype, min_distance=self.min_distance, **self.graph).to(
+            self.device
+        )
         out = self.task(batch)  # forces and stress need autograd: no torch.no_grad here
         energy = float(out["energy"].detach()[0])
         self.results = {"energy": energy, "free_energy": energy}
@@ -185,3 +200,17 @@ class MatSciMLCalculator(Calculator):
             self.results["stress"] = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
         if not all(np.all(np.isfinite(v)) for v in self.results.values()):
             raise FloatingPointError(f"the model returned non-finite results for {self.atoms.get_chemical_formula()}")
+
+    def _check_species(self, atoms: Atoms) -> None:
+        """Refuse elements outside the training data's (tasks saved without a species record pass)."""
+        if self.species is None:
+            return
+        unseen = sorted({int(z) for z in atoms.numbers} - self.species)
+        if unseen:
+            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unseen)
+            trained = ", ".join(chemical_symbols[z] for z in sorted(self.species))
+            raise DataError(
+                "<atoms>",
+                f"{atoms.get_chemical_formula()} holds {names}, which the model never saw in training; it was "
+                f"trained on {trained} only. Use a model trained on these elements",
+            )

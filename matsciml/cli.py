@@ -57,6 +57,7 @@ def _cmd_data_check(args: argparse.Namespace) -> None:
         num_workers=args.num_workers,
         limit=args.limit,
         verify=args.verify,
+        min_distance=args.min_distance,
     )
 
 
@@ -87,6 +88,7 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             title=args.title,
             license=args.license,
+            min_distance=args.min_distance,
         )
         record.add_output("dataset", args.destination, kind="dataset", digest=dataset_digest(args.destination))
 
@@ -156,6 +158,11 @@ def _add_dataset_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
 
 
+def _add_min_distance_argument(parser: argparse.ArgumentParser) -> None:  # default: min_distance.DEFAULT_MIN_DISTANCE
+    text = "refuse two atoms closer than this, in Å, periodic images included (0: no check; default: %(default)s)"
+    parser.add_argument("--min-distance", type=float, default=0.1, metavar="Å", help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import matsciml
 
@@ -189,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--num-workers", type=_count, default=0)
     check.add_argument("--limit", type=_positive, help="stop after this many structures")
     check.add_argument("--verify", action="store_true", help="also recompute the card's SHA-256 content hash")
+    _add_min_distance_argument(check)
     check.set_defaults(func=_cmd_data_check)
 
     convert = data_commands.add_parser(
@@ -209,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--license", default="unspecified", help="the data's license, for the metadata card (e.g. CC-BY-4.0 for OC20)"
     )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    _add_min_distance_argument(convert)
     convert.set_defaults(func=_cmd_data_convert)
 
     devset = commands.add_parser("devset", help="build the development datasets")

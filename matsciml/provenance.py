@@ -239,11 +239,18 @@ def dataset_record(destination: str | os.PathLike, step: str, command: list[str]
 
     Beside, not inside: the dataset appears only when complete (an atomic rename), while the
     record must exist from the start; and the dataset's own bytes stay those of its records.
+    A record left ``RUNNING`` by a step that died writing ``destination`` is closed ``INTERRUPTED``
+    first and named in the new record's ``links["interrupted"]`` (see :mod:`matsciml.partials`).
     """
+    from matsciml.partials import close_interrupted_record
+
     destination = Path(destination)
-    return StepRecord(
+    record = StepRecord(
         destination.parent, step, command=command, config=config, name=f"{destination.name}.{RECORD_NAME}"
     )
+    if (interrupted := close_interrupted_record(record.path, destination)) is not None:
+        record.data["links"]["interrupted"] = interrupted
+    return record
 
 
 @contextmanager

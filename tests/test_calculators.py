@@ -11,6 +11,7 @@ from ase import Atoms, units
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 from ase.constraints import FixAtoms
+from ase.data import chemical_symbols
 from ase.md.langevin import Langevin
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
@@ -20,6 +21,8 @@ from helpers.training import quiet_trainer, tiny_egnn
 from matsciml.calculators import MatSciMLCalculator, load_task
 from matsciml.data.datamodules import IS2REDataModule, S2EFDataModule
 from matsciml.data.devsets import devset_path
+from matsciml.data.errors import DataError
+from matsciml.data.structures import batch_from_atoms
 from matsciml.export import export_package
 from matsciml.tasks import IS2RETask, S2EFTask
 
@@ -245,3 +248,53 @@ def test_training_on_other_graphs_than_recorded_is_refused():
         quiet_trainer(max_epochs=1, limit_train_batches=1).fit(task, datamodule=datamodule)
     with pytest.raises(ValueError, match="graph.max_neighbors must be a positive integer or None"):
         S2EFTask(tiny_egnn(), graph={"cutoff": 6.0, "max_neighbors": 0})
+
+
+def test_elements_the_model_never_saw_are_refused(checkpoint, tmp_path):
+    species = load_task(checkpoint).species
+    assert species and 2 not in species, "fit records the training data's elements in the task"
+    export_package(checkpoint, tmp_path / "model.msml")
+    atoms = devset_atoms(count=1)[0]
+    atoms.numbers[[0, 3]] = 2  # helium, which the S2EF devset does not hold
+    trained = ", ".join(chemical_symbols[z] for z in species)
+    for calc in (
+        MatSciMLCalculator.from_checkpoint(checkpoint),
+        MatSciMLCalculator.from_package(tmp_path / "model.msml"),
+    ):
+        atoms.calc = calc
+        with pytest.raises(
+            DataError,
+            match=rf"holds He \(Z=2\), which the model never saw in training; it was trained on {trained} only",
+        ):
+            atoms.get_potential_energy()
+
+
+def test_atoms_too_close_are_refused_with_their_indices(checkpoint):
+    atoms = devset_atoms(count=1)[0]
+    atoms.set_constraint()
+    atoms.positions[5] = atoms.positions[2] + [0.0, 0.03, 0.0]
+    atoms.calc = MatSciMLCalculator.from_checkpoint(checkpoint)
+    with pytest.raises(
+        DataError,
+        match=r"<atoms>, record 0: .*atoms 2 and 5 are 0\.03 Å apart, closer than the minimum distance 0\.1 Å",
+    ):
+        atoms.get_potential_energy()
+    atoms.calc = MatSciMLCalculator.from_checkpoint(checkpoint, min_distance=0.01)  # the rule is a setting
+    assert np.isfinite(atoms.get_potential_energy())
+
+
+def test_an_isolated_atom_gets_its_reference_plus_a_constant():
+    # no neighbour: the energy is the model's readout of the bare atom plus the element reference,
+    # wherever the atom sits, with or without a cell; the force is exactly zero
+    torch.manual_seed(0)
+    model = tiny_egnn()
+    task = S2EFTask(model, element_references={29: -3.7, 8: -1.5}, normalize=False, species=[8, 29]).eval()
+    readout = float(model(batch_from_atoms(Atoms("Cu"), cutoff=6.0)).detach()[0])
+    placements = (
+        Atoms("Cu", positions=[[0.0, 0.0, 0.0]]),
+        Atoms("Cu", positions=[[3.0, -2.0, 1.0]], cell=np.eye(3) * 20.0, pbc=True),
+    )
+    for atoms in placements:
+        atoms.calc = MatSciMLCalculator(task)
+        assert atoms.get_potential_energy() == pytest.approx(-3.7 + readout, abs=1e-6)
+        assert np.array_equal(atoms.get_forces(), np.zeros((1, 3)))

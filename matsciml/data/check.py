@@ -1,7 +1,7 @@
 """``matsciml data check``: read every record, build graphs and batches, report problems.
 
 This is the data pipeline a training run uses, end to end, without a model: a corrupt
-record, a missing target or a structure without neighbours fails here with a message
+record, a missing target or two atoms closer than ``min_distance`` fail here with a message
 naming the file and record, before any GPU time is spent. It also says which integrity
 checks the dataset allows (:mod:`matsciml.data.integrity`); ``verify=True`` recomputes the
 card's content hash first.
@@ -20,6 +20,7 @@ from matsciml.data.batch import collate
 from matsciml.data.datasets import LMDBDataset
 from matsciml.data.formats.store import CHECKSUM_VERSION
 from matsciml.data.integrity import integrity_notes, verify_content_hash
+from matsciml.data.min_distance import DEFAULT_MIN_DISTANCE
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.progress import progress_bar
 
@@ -34,11 +35,13 @@ def check_dataset(
     limit: int | None = None,
     console: Console | None = None,
     verify: bool = False,
+    min_distance: float = DEFAULT_MIN_DISTANCE,
 ) -> dict:
     """Iterate the whole dataset as training would and print what was seen.
 
     Args:
         verify: first recompute the card's SHA-256 content hash over every stored byte.
+        min_distance: refuse atoms closer than this (Å; :mod:`matsciml.data.min_distance`).
 
     Returns:
         Counts of structures, atoms and edges, and the elapsed time in seconds.
@@ -47,7 +50,7 @@ def check_dataset(
         DataError: a bad record, shard set or (with ``verify``) content hash.
     """
     console = console or Console()
-    dataset = LMDBDataset(path, transforms=[RadiusGraph(cutoff, max_neighbors)], task=task)
+    dataset = LMDBDataset(path, transforms=[RadiusGraph(cutoff, max_neighbors, min_distance)], task=task)
     notes = integrity_notes(dataset.metadata)
     unchecked = dataset.metadata is not None and dataset.metadata.get("codec_version", 1) < CHECKSUM_VERSION
     if unchecked and not verify:  # then the content hash is the only guard against a flipped bit

@@ -25,6 +25,12 @@ from matsciml.data import keys as K
 from matsciml.data.errors import DataError
 from matsciml.data.formats import ase_io
 from matsciml.data.formats.store import DatasetWriter
+from matsciml.data.min_distance import (
+    DEFAULT_MIN_DISTANCE,
+    check_min_distance,
+    check_min_distance_setting,
+    min_distance_calculator,
+)
 from matsciml.data.progress import progress_bar
 from matsciml.data.records import Record
 
@@ -41,6 +47,7 @@ def convert(
     overwrite: bool = False,
     title: str | None = None,
     license: str = "unspecified",
+    min_distance: float = DEFAULT_MIN_DISTANCE,
 ) -> dict:
     """Convert extxyz / ASE trajectory / ASE database / pymatgen files into a matsciml dataset.
 
@@ -59,18 +66,22 @@ def convert(
         overwrite: replace an existing dataset at ``destination``.
         title: dataset title for the metadata card (default: the destination's name).
         license: the data's license for the card (e.g. ``CC-BY-4.0``, the OC20 license).
+        min_distance: refuse a structure with two atoms closer than this, in Å, periodic images
+            included (``0``: no check); the rule loading applies (:mod:`matsciml.data.min_distance`).
 
     Returns:
         The dataset card written to every shard's metadata.
 
     Raises:
-        DataError: an input is missing, of an unknown type, empty, or holds a bad record.
+        DataError: an input is missing, of an unknown type, empty, or holds a bad record
+            (atoms closer than ``min_distance`` included).
         FileExistsError: ``destination`` exists and ``overwrite`` is false.
     """
     if task not in K.TASK_TARGETS:
         raise ValueError(f"task must be one of {sorted(K.TASK_TARGETS)}, got {task!r}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    min_distance = check_min_distance_setting(min_distance)
     if isinstance(sources, str | PathLike):  # one path, not a sequence of characters
         sources = [sources]
     destination = Path(destination)
@@ -102,7 +113,7 @@ def convert(
     )
     progress = progress_bar(Console(stderr=True), unit="records")
     try:
-        with progress, closing(_read_in_order(units, task, num_workers)) as results:
+        with progress, closing(_read_in_order(units, task, num_workers, min_distance)) as results:
             bar = progress.add_task(f"converting to {destination.name}", total=total)
             written = 0
             for records in results:
@@ -118,11 +129,13 @@ def convert(
         raise
 
 
-def _read_in_order(units: list[ase_io.WorkUnit], task: str, num_workers: int) -> Iterator[list[Record]]:
+def _read_in_order(
+    units: list[ase_io.WorkUnit], task: str, num_workers: int, min_distance: float
+) -> Iterator[list[Record]]:
     """Yield each unit's records in unit order, reading ahead in up to ``num_workers`` processes."""
     if num_workers <= 1 or len(units) == 1:
         for unit in units:
-            yield ase_io.read_unit(unit, task)
+            yield _read_unit(unit, task, min_distance)
         return
     # spawn: workers start clean (no inherited LMDB handles or threads) on every platform
     pool = multiprocessing.get_context("spawn").Pool(min(num_workers, len(units)), initializer=_ignore_sigint)
@@ -130,18 +143,30 @@ def _read_in_order(units: list[ase_io.WorkUnit], task: str, num_workers: int) ->
         pending: deque = deque()
         remaining = iter(units)
         for unit in remaining:  # a bounded read-ahead keeps memory flat when writing is slower
-            pending.append(pool.apply_async(ase_io.read_unit, (unit, task)))
+            pending.append(pool.apply_async(_read_unit, (unit, task, min_distance)))
             if len(pending) >= 2 * num_workers:
                 break
         while pending:
             records = pending.popleft().get()
             unit = next(remaining, None)
             if unit is not None:
-                pending.append(pool.apply_async(ase_io.read_unit, (unit, task)))
+                pending.append(pool.apply_async(_read_unit, (unit, task, min_distance)))
             yield records
     finally:
         pool.terminate()  # stop readers at once on an error or Ctrl-C
         pool.join()
+
+
+def _read_unit(unit: ase_io.WorkUnit, task: str, min_distance: float) -> list[Record]:
+    """A unit's validated records, each also checked for atoms closer than ``min_distance``."""
+    records = ase_io.read_unit(unit, task)
+    calculator = min_distance_calculator(min_distance) if min_distance > 0 else None
+    for frame, record in enumerate(records, unit.start):
+        try:
+            check_min_distance(record[K.POSITIONS], record[K.CELL], record[K.PBC], min_distance, calculator)
+        except ValueError as err:
+            raise DataError(unit.path, str(err), frame) from None
+    return records
 
 
 def _ignore_sigint() -> None:

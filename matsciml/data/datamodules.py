@@ -21,6 +21,7 @@ from matsciml.data.batch import collate
 from matsciml.data.datasets import IS2REDataset, LMDBDataset, S2EFDataset, Transform
 from matsciml.data.devsets import DEVSETS, devset_path
 from matsciml.data.formats.card import DatasetStatistics, stale_statistics
+from matsciml.data.min_distance import DEFAULT_MIN_DISTANCE, MinDistance, check_min_distance_setting
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.pointcloud import DEFAULT_NUM_SPECIES, DEFAULT_NUM_SUBSURFACE, PointCloudCollate, PointCloudSample
 from matsciml.data.progress import progress_bar
@@ -65,6 +66,9 @@ class AtomisticDataModule(pl.LightningDataModule):
             per training step (:class:`~matsciml.data.samplers.AtomBalancedBatchSampler`, from the
             metadata's atom counts); ``False``: plain shuffled distributed batches. Evaluation splits
             are always shared without padding (every structure once). No effect in one process.
+        min_distance: a record with two atoms closer than this (Å, periodic images included) is
+            refused with its file, record and atom indices (``0``: no check); see
+            :mod:`matsciml.data.min_distance`. Atoms without neighbours are valid.
     """
 
     task: ClassVar[str]
@@ -90,8 +94,10 @@ class AtomisticDataModule(pl.LightningDataModule):
         statistics_sample: int = 10_000,
         balanced: bool = True,
         graph_backend: Literal["native", "dgl", "pyg"] = "native",
+        min_distance: float = DEFAULT_MIN_DISTANCE,
     ):
         super().__init__()
+        self.min_distance = check_min_distance_setting(min_distance)
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if num_workers < 0:
@@ -164,8 +170,9 @@ class AtomisticDataModule(pl.LightningDataModule):
         does (:class:`~matsciml.data.pointcloud.PointCloudSample`), its relaxed energy being
         a property of the adsorbate and the surface.
         """
-        if self.representation == "graph":
-            return [*self.extra_transforms, RadiusGraph(self.cutoff, self.max_neighbors)]
+        if self.representation == "graph":  # its neighbour list gives the shortest distance for free
+            return [*self.extra_transforms, RadiusGraph(self.cutoff, self.max_neighbors, self.min_distance)]
+        close_atoms = [MinDistance(self.min_distance)] if self.min_distance > 0 else []
         if self.task == "s2ef":
             if self.num_subsurface is not None:
                 raise ValueError(
@@ -173,9 +180,9 @@ class AtomisticDataModule(pl.LightningDataModule):
                     "targets are the energy and forces of every atom; remove num_subsurface (S2EF point "
                     "clouds hold every atom)"
                 )
-            return list(self.extra_transforms)
+            return [*self.extra_transforms, *close_atoms]
         num_subsurface = DEFAULT_NUM_SUBSURFACE if self.num_subsurface is None else self.num_subsurface
-        return [*self.extra_transforms, PointCloudSample(num_subsurface, self.seed)]
+        return [*self.extra_transforms, *close_atoms, PointCloudSample(num_subsurface, self.seed)]
 
     def collate_fn(self):
         if self.representation != "graph":

@@ -10,6 +10,8 @@ from ase import Atoms
 
 from matsciml.data import keys as K
 from matsciml.data.batch import Batch, collate
+from matsciml.data.errors import DataError
+from matsciml.data.min_distance import DEFAULT_MIN_DISTANCE, MinDistance
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.pointcloud import PointCloudCollate
 from matsciml.data.records import validate_record
@@ -39,6 +41,7 @@ def batch_from_atoms(
     max_neighbors: int | None = DEFAULT_MAX_NEIGHBORS,
     dtype: torch.dtype = torch.float32,
     representation: str = "graph",
+    min_distance: float = DEFAULT_MIN_DISTANCE,
 ) -> Batch:
     """A batch of one or more structures, with floating fields in ``dtype``.
 
@@ -51,21 +54,29 @@ def batch_from_atoms(
 
     Positions keep their full precision when ``dtype`` is float64 (records store float32,
     but here the Atoms' own coordinates are used).
+
+    Atoms closer than ``min_distance`` (Å; ``0``: no check) are refused with a
+    :class:`~matsciml.data.errors.DataError` naming the structure's index and the two atoms,
+    the rule of :mod:`matsciml.data.min_distance`; atoms without neighbours are fine.
     """
     if representation not in ("graph", "point_cloud"):
         raise ValueError(f"representation must be 'graph' or 'point_cloud', got {representation!r}")
     if isinstance(structures, Atoms):
         structures = [structures]
+    # the rule is checked on the exact coordinates, not the float32 copies in the records
+    check = RadiusGraph(cutoff, max_neighbors, min_distance) if representation == "graph" else MinDistance(min_distance)
+    records = []
+    for index, atoms in enumerate(structures):
+        try:
+            exact = {**atoms_record(atoms, index), K.POSITIONS: atoms.positions, K.CELL: atoms.cell.array}
+            records.append(check(exact))
+        except DataError:
+            raise
+        except ValueError as err:
+            raise DataError("<atoms>", f"{atoms.get_chemical_formula()}: {err}", index) from None
     if representation == "graph":
-        graph = RadiusGraph(cutoff, max_neighbors, allow_isolated=True)
-        # the graph comes from the exact coordinates, not the float32 copies in the records
-        records = [
-            graph({**atoms_record(atoms, index), K.POSITIONS: atoms.positions, K.CELL: atoms.cell.array})
-            for index, atoms in enumerate(structures)
-        ]
         batch = collate(records).to(dtype=dtype)
     else:
-        records = [atoms_record(atoms, index) for index, atoms in enumerate(structures)]
         batch = PointCloudCollate()(records).to(dtype=dtype)
     # collate stores float32; restore exact coordinates and cells for float64 work
     positions = np.concatenate([atoms.positions for atoms in structures])

@@ -48,8 +48,8 @@ class AtomisticTask(pl.LightningModule):
         gamma: ExponentialLR decay per epoch (Lightning steps it once per epoch; ``scheduler="exponential"``).
         statistics: target statistics of the training split (``datamodule.target_statistics``,
             linked by the CLI); when ``None``, taken from the trainer's datamodule in ``setup``.
-        species: atomic numbers present in the data (linked by the CLI); checked against the
-            model's ``num_species``.
+        species: atomic numbers in the data (linked by the CLI, else the datamodule's at ``setup("fit")``);
+            checked against the model's ``num_species``; the only elements the ASE calculator accepts.
         element_references: reference energy in eV per atomic number, added to predictions, or
             ``"fit"``: fitted by least squares on the training split's composition (from its card's
             composition sums). Shift and scale are then statistics of the reference-subtracted
@@ -204,6 +204,8 @@ class AtomisticTask(pl.LightningModule):
             )
         if stage == "fit" and representation == "graph":
             self._record_graph(datamodule)
+        if stage == "fit" and self.species is None and (species := getattr(datamodule, "species", None)):
+            self.species = self.hparams["species"] = sorted(int(z) for z in species)  # the calculator refuses others
         if stage == "fit" and self.compile_options is not None and self.trains_forces:
             rank_zero_info(
                 "matsciml: training steps compile energy and forces as one graph (compile.forces)"

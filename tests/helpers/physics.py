@@ -49,6 +49,11 @@ def molecule_like() -> Atoms:
     return atoms
 
 
+def isolated_atom(symbol: str = "Cu", position=(0.0, 0.0, 0.0), periodic: bool = False) -> Atoms:
+    """One atom without any neighbour within any cutoff: alone in space, or in a 20 Å box."""
+    return Atoms(symbol, positions=[position], cell=np.eye(3) * 20.0 if periodic else None, pbc=periodic)
+
+
 def perfect_copper(size: int = 3) -> Atoms:
     """``size``^3 conventional fcc Cu cells (108 atoms for 3): 78 neighbours within 6 Å, in full shells."""
     return bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size, size, size))
@@ -142,6 +147,34 @@ class PhysicsBattery:
             assert torch.allclose(alone[0], together[index], atol=1e-10, rtol=1e-10)
             assert torch.allclose(forces_alone, forces_together[start : start + len(atoms)], atol=1e-10)
             start += len(atoms)
+
+    def test_an_isolated_atom_has_a_constant_energy_and_no_force(self, model):
+        # an atom without neighbours is valid data: its energy is the readout of the un-messaged atom
+        # (a constant per element, the reference the task adds on top), its force exactly zero, and
+        # it changes nothing for the structures batched with it; a batch without any edge works too
+        alone, forces_alone = energy_and_forces(model, self.batch([isolated_atom()]))
+        assert torch.isfinite(alone).all() and torch.equal(forces_alone, torch.zeros_like(forces_alone))
+        structures = [slab(), isolated_atom(), isolated_atom("O", (3.0, -2.0, 7.0), periodic=True)]
+        mixed, forces_mixed = energy_and_forces(model, self.batch(structures))
+        slab_alone, slab_forces = energy_and_forces(model, self.batch([slab()]))
+        assert torch.allclose(mixed[0], slab_alone[0], atol=1e-10, rtol=1e-10)
+        assert torch.allclose(forces_mixed[: len(slab())], slab_forces, atol=1e-10)
+        assert torch.equal(forces_mixed[len(slab()) :], torch.zeros_like(forces_mixed[len(slab()) :]))
+        assert torch.allclose(mixed[1], alone[0], atol=1e-10, rtol=1e-10)
+        oxygen = energy_and_forces(model, self.batch([isolated_atom("O", (-5.0, 1.0, 2.0))]))[0]
+        assert torch.allclose(mixed[2], oxygen[0], atol=1e-10, rtol=1e-10), "same element, same energy anywhere"
+        only_isolated = self.batch([isolated_atom(), isolated_atom("O")])
+        assert only_isolated.num_edges == 0 if self.representation == "graph" else True
+        energies, forces = energy_and_forces(model, only_isolated)
+        assert torch.allclose(energies, torch.cat([alone, oxygen]), atol=1e-10, rtol=1e-10)
+        assert torch.equal(forces, torch.zeros_like(forces))
+
+    def test_atoms_farther_apart_than_the_cutoff_add_their_energies(self, model):
+        far = Atoms("CuO", positions=[[0, 0, 0], [self.cutoff + 4.0, 0, 0]], pbc=False)
+        pair, forces = energy_and_forces(model, self.batch([far]))
+        atoms = energy_and_forces(model, self.batch([isolated_atom("Cu"), isolated_atom("O")]))[0]
+        assert torch.allclose(pair[0], atoms.sum(), atol=1e-10, rtol=1e-10)
+        assert torch.equal(forces, torch.zeros_like(forces))
 
     def test_energy_invariant_and_forces_equivariant_under_rotation(self, model):
         atoms = slab()

@@ -66,6 +66,10 @@ class TestGala(PhysicsBattery):
         # and the energy is not extensive; what holds is that the model has no finite range
         assert_no_finite_range(model)
 
+    def test_atoms_farther_apart_than_the_cutoff_add_their_energies(self, model):
+        # not applicable: no cutoff, so no atom is out of another's reach (attention spans the cloud)
+        assert_no_finite_range(model)
+
 
 class TestGalaEquivariant(TestGala):
     """The other paths: equivariant blocks, normalised products, mean merge and join, no value LayerNorm."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from ase import Atoms
-from helpers.physics import PhysicsBattery, energy_and_forces, molecule_like, slab, small_bulk
+from helpers.physics import PhysicsBattery, energy_and_forces, isolated_atom, molecule_like, slab, small_bulk
 
 from matsciml.data.structures import batch_from_atoms
 from matsciml.models.megnet import MegNet, Set2Set, _Graph, segment_softmax
@@ -25,6 +25,20 @@ def small_megnet(cutoff: float = 5.0, **kwargs) -> MegNet:
 class TestMegNet(PhysicsBattery):
     def make_model(self):
         return small_megnet(cutoff=self.cutoff)
+
+    def test_atoms_farther_apart_than_the_cutoff_add_their_energies(self, model):
+        # not what MegNet does: its energy is natoms x an intensive head over the whole structure
+        # (global state and Set2Set readout), so atoms out of each other's reach still share it and
+        # unlike atoms do not add. What holds: no force without an edge, and like atoms do add
+        # (the mean over identical atoms is each one's).
+        reach = self.cutoff + 4.0
+        unlike = Atoms("CuO", positions=[[0, 0, 0], [reach, 0, 0]], pbc=False)
+        like = Atoms("Cu2", positions=[[0, 0, 0], [reach, 0, 0]], pbc=False)
+        (pair, forces), (two, _) = (energy_and_forces(model, self.batch([s])) for s in (unlike, like))
+        atoms = energy_and_forces(model, self.batch([isolated_atom("Cu"), isolated_atom("O")]))[0]
+        assert torch.equal(forces, torch.zeros_like(forces))
+        assert torch.allclose(two[0], 2 * atoms[0], atol=1e-10, rtol=1e-10)
+        assert not torch.allclose(pair[0], atoms.sum(), atol=1e-6), "the global state couples them"
 
 
 def graph(structures, cutoff=5.0, dtype=torch.float64):

@@ -44,6 +44,7 @@ from matsciml.data.errors import DataError
 from matsciml.data.formats import lmdb_shards
 from matsciml.data.formats.card import DatasetStatistics
 from matsciml.data.records import Record, validate_record
+from matsciml.partials import partial_path, remove_stale_partials
 
 MAGIC = b"MSML"
 CODEC_VERSION = 2
@@ -229,7 +230,8 @@ class DatasetWriter:
             "license": license,
         }
         self.overwrite = overwrite
-        self._tmp = self.destination.parent / f".{self.destination.name}.partial-{os.getpid()}"
+        remove_stale_partials(self.destination)  # left by a writer that was killed (kill -9, out of memory)
+        self._tmp = partial_path(self.destination)
         self._stats = DatasetStatistics(task)
         self._hash = hashlib.sha256()
         self._shards: list[dict] = []  # per shard: path, count, natoms list
