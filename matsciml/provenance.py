@@ -211,8 +211,10 @@ class StepRecord:
         record.data.setdefault("resumes", [])
         return record
 
-    def note_resume(self, checkpoint: str | os.PathLike | None, step: int, epoch: int) -> None:
-        """Record that the run continued from ``checkpoint`` at training ``step`` (epoch ``epoch``)."""
+    def note_resume(
+        self, checkpoint: str | os.PathLike | None, step: int, epoch: int, command: list[str] | None = None
+    ) -> None:
+        """Record that the run continued from ``checkpoint`` at training ``step`` (epoch ``epoch``), by ``command``."""
         previous = self.data.pop("error", None)
         self.data["error"] = None  # the run goes on; the entry keeps what ended the previous start
         self.data.setdefault("resumes", []).append(
@@ -221,6 +223,7 @@ class StepRecord:
                 "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
                 "step": int(step),
                 "epoch": int(epoch),
+                "command": list(sys.argv if command is None else command),
                 "previous_error": None if previous is None else previous["message"],
             }
         )

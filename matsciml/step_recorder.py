@@ -102,8 +102,7 @@ class StepRecorder(pl.Callback):
         if not trainer.is_global_zero or self.record is not None:
             return
         if self.resume and (directory / RECORD_NAME).is_file():
-            self.record = StepRecord.reopen(directory)
-            self.record.data["command"] = list(self.command or self.record.data["command"])
+            self.record = StepRecord.reopen(directory)  # its command stays the run's; the resume keeps its own
             self._heartbeat(force=True)
             write_atomically(directory / PARAMS_NAME, yaml.safe_dump(self.config, sort_keys=False))
             return
@@ -146,7 +145,7 @@ class StepRecorder(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the loops' counters are restored only now (after on_fit_start)
         if self.record is not None and self.record.status == RESUMED:
-            self.record.note_resume(trainer.ckpt_path, trainer.global_step, trainer.current_epoch)
+            self.record.note_resume(trainer.ckpt_path, trainer.global_step, trainer.current_epoch, self.command)
 
     def _note_checkpoint(self, trainer: pl.Trainer) -> None:
         """The checkpoint the run starts from: Lightning knows it only after ``setup``."""
