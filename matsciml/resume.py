@@ -146,12 +146,15 @@ class ResumeState(pl.Callback):
     * the running sums of the interrupted epoch's ``on_epoch`` training metrics: the resumed epoch's
       ``train/*_epoch`` values would otherwise average only the batches after the resume.
 
-    Every rank keeps its own (ranks draw and sum differently under DDP).
+    Every rank keeps its own (ranks draw and sum differently under DDP); a run resumed with another
+    number of processes restores neither. Every rank must save the checkpoint (Lightning's rule
+    already): the states are gathered from all ranks when it is taken.
     """
 
     def __init__(self) -> None:
         self._done: tuple[int, int] = (0, 0)  # (epoch, training batches done in it) as of the last batch
-        self._saved: dict[str, Any] | None = None
+        self._to_restore: list[dict[str, Any]] = []  # per rank, from the checkpoint resumed
+        self._saved: dict[str, Any] | None = None  # this rank's, until the first resumed batch
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if self._saved is not None:  # the first batch after a resume
@@ -175,7 +178,7 @@ class ResumeState(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after Lightning's restore and after the resumed epoch's loader iterator drew its base seed,
         # as the uninterrupted run had at the checkpoint
-        ranks = getattr(self, "_to_restore", [])
+        ranks = self._to_restore
         if len(ranks) == trainer.world_size:
             self._saved = ranks[trainer.global_rank]
             set_rng_states(self._saved["rng"])

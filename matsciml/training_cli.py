@@ -139,8 +139,9 @@ class MatSciMLCLI(LightningCLI):
         super().after_instantiate_classes()
         if self.subcommand is not None:
             self.trainer.callbacks.append(self.recorder)
+            # in every subcommand: validate/predict from a fit checkpoint then know the state it carries
+            self.trainer.callbacks.insert(0, ResumeState())  # first: sees each batch before a checkpoint is taken
         if self.subcommand == "fit":
-            self.trainer.callbacks.insert(0, ResumeState())  # sees each batch before a checkpoint is taken
             every = self.config.fit.get("checkpoint_every_n_steps")
             if every is not None:
                 self.trainer.callbacks.append(step_checkpoint(every))
