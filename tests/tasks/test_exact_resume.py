@@ -209,3 +209,29 @@ def test_checkpoint_every_n_steps_refuses_what_is_not_a_positive_count():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="--checkpoint_every_n_steps"):
             step_checkpoint(bad)
+
+
+def test_a_checkpoint_in_a_run_folder_pins_the_logger_unless_a_version_is_given(tmp_path):
+    from jsonargparse import Namespace
+
+    from matsciml.resume import pin_run_to_checkpoint
+
+    run_dir = tmp_path / "runs" / "lightning_logs" / "version_3"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    StepRecord(run_dir, "fit").save()
+    last = run_dir / "checkpoints" / "last.ckpt"
+
+    def trainer(**init_args):
+        return Namespace(logger=Namespace(class_path="matsciml.loggers.CSVLogger", init_args=Namespace(**init_args)))
+
+    unset = trainer(save_dir="elsewhere")
+    assert pin_run_to_checkpoint(unset, last) == run_dir.resolve()
+    assert (unset.logger.init_args.save_dir, unset.logger.init_args.name, unset.logger.init_args.version) == (
+        str(tmp_path.resolve() / "runs"),
+        "lightning_logs",
+        "version_3",
+    )
+    explicit = trainer(save_dir="elsewhere", version="mine")  # the user named the run: theirs wins
+    assert pin_run_to_checkpoint(explicit, last) is None and explicit.logger.init_args.version == "mine"
+    loose = tmp_path / "model.ckpt"  # a checkpoint outside a run folder: a new run, as before
+    assert pin_run_to_checkpoint(trainer(), loose) is None
