@@ -207,7 +207,10 @@ class AtomisticDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
-        if split == "train":
+        # --trainer.overfit_batches: Lightning swaps the sampler for a SequentialSampler, which it can do in
+        # a plain DataLoader only; an overfitting run repeats a few batches and has no epoch order to resume
+        overfitting = getattr(self.trainer, "overfit_batches", 0) if self.trainer is not None else 0
+        if split == "train" and not overfitting:
             # one process or many, the order of epoch e is a permutation seeded by (seed, e) (Lightning sets
             # the epoch), and the loader is stateful: a checkpoint taken mid-epoch resumes at the next batch.
             # One process has nothing to balance: natoms=None keeps the permutation's consecutive batches.

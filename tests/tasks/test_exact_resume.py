@@ -235,3 +235,29 @@ def test_a_checkpoint_in_a_run_folder_pins_the_logger_unless_a_version_is_given(
     assert pin_run_to_checkpoint(explicit, last) is None and explicit.logger.init_args.version == "mine"
     loose = tmp_path / "model.ckpt"  # a checkpoint outside a run folder: a new run, as before
     assert pin_run_to_checkpoint(trainer(), loose) is None
+
+
+@pytest.mark.filterwarnings("ignore:You requested to overfit:UserWarning")
+@pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+def test_overfit_batches_still_trains_on_the_data_module():
+    # Lightning replaces the train sampler by a SequentialSampler when overfitting; it cannot rebuild
+    # the stateful batch-sampler loader, so overfitting gets a plain one
+    import lightning.pytorch as pl
+    from helpers.training import tiny_egnn
+
+    from matsciml.tasks import IS2RETask
+
+    datamodule = IS2REDataModule.from_devset(batch_size=8)
+    datamodule.setup("fit")
+    task = IS2RETask(tiny_egnn(), statistics=datamodule.target_statistics)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        overfit_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, datamodule=datamodule)
+    assert trainer.global_step == 4
