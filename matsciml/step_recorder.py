@@ -7,9 +7,9 @@ metrics, ``FAILED`` with the error, or ``INTERRUPTED`` (Ctrl-C). Next to ``step.
 the files a DVC stage points at: ``params.yaml`` (the resolved config) and ``metrics.json``.
 
 A run resumed in its folder (``--ckpt_path <run>/checkpoints/last.ckpt``, a requeued SLURM job)
-continues the record there: ``RESUMED`` with the checkpoint, step and time of each resume. While
-training or validating it refreshes the record's heartbeat at most every :data:`HEARTBEAT_S`
-seconds, so ``matsciml runs list`` can tell a run whose process died (:mod:`matsciml.runs`).
+continues the record there: ``RESUMED`` with the checkpoint, step and time of each resume. After
+each batch it refreshes the record's heartbeat, at most every :data:`HEARTBEAT_S` seconds, so
+``matsciml runs list`` can tell a run whose process died (:mod:`matsciml.runs`).
 """
 
 from __future__ import annotations
@@ -140,6 +140,12 @@ class StepRecorder(pl.Callback):
         self._heartbeat()
 
     def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._heartbeat()
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._heartbeat()
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         self._heartbeat()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -100,6 +100,8 @@ def test_a_killed_run_resumes_bitwise_equal_in_its_own_folder(tmp_path, devices)
     assert killed.returncode == -9, killed.stderr[-3000:]
     run_dir = tmp_path / "runs" / "lightning_logs" / "version_0"
     assert load_record(run_dir)["status"] == "RUNNING"  # SIGKILL: the process had no chance to say anything
+    killed_pid = int((tmp_path / "killed").read_text().split()[1])
+    assert load_record(run_dir)["heartbeat"]["pid"] == killed_pid  # rank 0 kept the heartbeat until it died
     assert runs.load(tmp_path / "runs")["status"].tolist() == [runs.DIED]  # its pid is gone on this host
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == kill_step - 1  # killed before that step's save
