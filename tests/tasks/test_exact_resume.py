@@ -263,3 +263,19 @@ def test_overfit_batches_still_trains_on_the_data_module():
     )
     trainer.fit(task, datamodule=datamodule)
     assert trainer.global_step == 4
+
+
+def test_generator_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    # what ResumeState saves must load with torch.load(weights_only=True), as --ckpt_path is read
+    import numpy as np
+
+    from matsciml.resume import rng_states, set_rng_states
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    torch.save({"rng": rng_states()}, tmp_path / "state.ckpt")
+    drawn = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    set_rng_states(torch.load(tmp_path / "state.ckpt", weights_only=True)["rng"])
+    again = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    assert torch.equal(drawn[0], again[0]) and np.array_equal(drawn[1], again[1]) and drawn[2] == again[2]
