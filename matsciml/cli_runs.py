@@ -30,13 +30,14 @@ def _cmd_runs_show(args: argparse.Namespace) -> None:
     import json
 
     from matsciml.provenance import load_record
+    from matsciml.runs import status
 
     record = load_record(args.run)
     if args.json:
         print(json.dumps(record, indent=1))
         return
     print(
-        f"{record['step']} {record['status']}  run {record['run_id']}  {record['started_at']}  "
+        f"{record['step']} {status(record)}  run {record['run_id']}  {record['started_at']}  "
         f"{record['duration_s'] or 0:.1f} s"
     )
     print("command: " + " ".join(record["command"]))
@@ -44,6 +45,13 @@ def _cmd_runs_show(args: argparse.Namespace) -> None:
     print(f"code: matsciml {record['code']['version']}  commit {git.get('commit')}  dirty {git.get('dirty')}")
     if record["error"]:
         print(f"error: {record['error']['type']}: {record['error']['message']}")
+    if record.get("heartbeat"):
+        beat = record["heartbeat"]
+        print(f"heartbeat: {beat['at']}  pid {beat['pid']} on {beat['hostname']}")
+    for resume in record.get("resumes", []):
+        print(
+            f"resumed: {resume['at']}  at step {resume['step']} (epoch {resume['epoch']}) from {resume['checkpoint']}"
+        )
     for kind in ("inputs", "outputs"):
         print(f"{kind}:")
         for entry in record[kind]:

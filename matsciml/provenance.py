@@ -4,7 +4,10 @@ Every CLI step (``fit``, ``validate``, ``test``, ``predict``, ...) keeps one :cl
 its run directory, ``step.json``, valid against ``schemas/step_record.schema.json``. The record
 is written when the step starts (status ``RUNNING``) and rewritten atomically on every change,
 so a run that crashes or is killed still says what it was doing; a run that ends says
-``COMPLETED``, ``FAILED`` (with the error) or ``INTERRUPTED``.
+``COMPLETED``, ``FAILED`` (with the error) or ``INTERRUPTED``. A run continued from a checkpoint
+reopens its record (:meth:`StepRecord.reopen`): ``RESUMED`` while it runs, each resume listed. While
+a step runs, :meth:`StepRecord.beat` keeps a heartbeat (time, pid, host), from which
+:mod:`matsciml.runs` tells a record whose process died (``DIED``).
 
 This module knows nothing of models, data formats or Lightning: callers pass paths, digests,
 configuration and metrics in plain Python types.
@@ -32,6 +35,8 @@ SCHEMA_VERSION = 1
 RECORD_NAME = "step.json"
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "step_record.schema.json"
 RUNNING, COMPLETED, FAILED, INTERRUPTED = "RUNNING", "COMPLETED", "FAILED", "INTERRUPTED"
+#: a run continued from a checkpoint, running again (it ends COMPLETED, FAILED or INTERRUPTED)
+RESUMED = "RESUMED"
 #: packages whose versions a record names, when installed
 PACKAGES = ("matsciml", "torch", "lightning", "numpy", "jsonargparse", "vesin", "ase", "lmdb", "dgl", "torch_geometric")
 
@@ -195,6 +200,39 @@ class StepRecord:
 
     def save(self) -> None:
         write_atomically(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
+
+    @classmethod
+    def reopen(cls, directory: str | os.PathLike, name: str = RECORD_NAME) -> StepRecord:
+        """The record already in ``directory``, running again (``RESUMED``; call :meth:`note_resume`)."""
+        record = cls.__new__(cls)
+        record.directory, record.name = Path(directory), name
+        record.data = load_record(record.directory / name)
+        record.data.update(status=RESUMED, ended_at=None, duration_s=None)
+        record.data.setdefault("resumes", [])
+        return record
+
+    def note_resume(
+        self, checkpoint: str | os.PathLike | None, step: int, epoch: int, command: list[str] | None = None
+    ) -> None:
+        """Record that the run continued from ``checkpoint`` at training ``step`` (epoch ``epoch``), by ``command``."""
+        previous = self.data.pop("error", None)
+        self.data["error"] = None  # the run goes on; the entry keeps what ended the previous start
+        self.data.setdefault("resumes", []).append(
+            {
+                "at": now(),
+                "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+                "step": int(step),
+                "epoch": int(epoch),
+                "command": list(sys.argv if command is None else command),
+                "previous_error": None if previous is None else previous["message"],
+            }
+        )
+        self.save()
+
+    def beat(self) -> None:
+        """Refresh the heartbeat (now, this pid and host) and save: the process is alive."""
+        self.data["heartbeat"] = {"at": now(), "pid": os.getpid(), "hostname": socket.gethostname()}
+        self.save()
 
     def add_input(self, role: str, path: str | os.PathLike, kind: str = "file", digest: str | None = None) -> None:
         """An input; files are hashed (sha256) unless ``digest`` is given (e.g. a dataset's content hash)."""

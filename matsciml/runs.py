@@ -7,22 +7,28 @@ columns people filter and group on (``step``, ``status``, ``task``, ``model``, `
 are large, so they are read only on demand, by :func:`history`.
 
 The same from the shell: ``matsciml runs list|show|compare``.
+
+A record still ``RUNNING`` or ``RESUMED`` whose process is gone shows as ``DIED`` (:func:`status`):
+its heartbeat is older than :data:`DIED_AFTER_S`, or, on the host that ran it, its pid is no longer
+alive. The record file itself is left as the process left it.
 """
 
 from __future__ import annotations
 
 import ast
+import datetime as dt
 import operator
 import os
 import re
 import shlex
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from matsciml.provenance import RECORD_NAME, load_record
+from matsciml.provenance import RECORD_NAME, RESUMED, RUNNING, load_record
 
 #: columns every row has, in display order (metrics follow)
 COLUMNS = [
@@ -40,6 +46,42 @@ COLUMNS = [
     "run_id",
     "path",
 ]
+
+
+#: a running step refreshes its heartbeat every 30 s (matsciml.step_recorder.HEARTBEAT_S); one this old means
+#: the process is gone (generous: a long validation batch or checkpoint write must not look like death)
+DIED_AFTER_S = 600.0
+#: shown for a RUNNING/RESUMED record whose process died
+DIED = "DIED"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:  # a killed child its parent has not reaped yet is a zombie: dead all the same
+        with open(f"/proc/{pid}/stat", encoding="ascii") as file:
+            return file.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def status(record: dict[str, Any], now: dt.datetime | None = None) -> str:
+    """The record's status, ``DIED`` for a RUNNING/RESUMED one whose process is gone.
+
+    Dead: the heartbeat is older than :data:`DIED_AFTER_S`, or the record was written on this host
+    and its pid is not alive. Records without a heartbeat (older versions) keep their status.
+    """
+    beat = record.get("heartbeat")
+    if record["status"] not in (RUNNING, RESUMED) or not beat:
+        return record["status"]
+    age = ((now or dt.datetime.now(dt.UTC)) - dt.datetime.fromisoformat(beat["at"])).total_seconds()
+    if age > DIED_AFTER_S or (beat["hostname"] == socket.gethostname() and not _pid_alive(int(beat["pid"]))):
+        return DIED
+    return record["status"]
 
 
 def find_runs(paths: Iterable[str | os.PathLike] = ("runs",)) -> list[Path]:
@@ -78,7 +120,7 @@ def summarize(record: dict[str, Any], record_file: Path) -> dict[str, Any]:
     row = {
         "run": _run_name(record_file),
         "step": record["step"],
-        "status": record["status"],
+        "status": status(record),
         "task": _short(task.get("class_path")),
         "model": _short(model.get("class_path")),
         "seed": config.get("seed_everything"),

@@ -5,6 +5,11 @@
 with the world size in it), and closes it when the run ends: ``COMPLETED`` with outputs and
 metrics, ``FAILED`` with the error, or ``INTERRUPTED`` (Ctrl-C). Next to ``step.json`` it leaves
 the files a DVC stage points at: ``params.yaml`` (the resolved config) and ``metrics.json``.
+
+A run resumed in its folder (``--ckpt_path <run>/checkpoints/last.ckpt``, a requeued SLURM job)
+continues the record there: ``RESUMED`` with the checkpoint, step and time of each resume. After
+each batch it refreshes the record's heartbeat, at most every :data:`HEARTBEAT_S` seconds, so
+``matsciml runs list`` can tell a run whose process died (:mod:`matsciml.runs`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +26,13 @@ import yaml
 
 from matsciml.data.errors import DataError
 from matsciml.data.fingerprint import dataset_digest
-from matsciml.provenance import COMPLETED, FAILED, INTERRUPTED, StepRecord, write_atomically
+from matsciml.provenance import COMPLETED, FAILED, INTERRUPTED, RECORD_NAME, RESUMED, StepRecord, write_atomically
 
 PARAMS_NAME, METRICS_NAME = "params.yaml", "metrics.json"
 #: metrics where larger is better; all others are errors or losses
 _HIGHER_IS_BETTER = ("cosine",)
+#: seconds between two heartbeats written to the record (each rewrites step.json)
+HEARTBEAT_S = 30.0
 
 
 def _number(value: Any) -> float | None:
@@ -71,6 +79,7 @@ class StepRecorder(pl.Callback):
         config: the resolved configuration (plain data), saved in the record and ``params.yaml``.
         command: the command line (default ``sys.argv``).
         run_id: a stable run identity (e.g. the SLURM job's), else a random one.
+        resume: continue the record already in the run folder, if there is one (a resumed run).
     """
 
     def __init__(
@@ -79,15 +88,23 @@ class StepRecorder(pl.Callback):
         config: dict[str, Any] | None = None,
         command: list[str] | None = None,
         run_id: str | None = None,
+        resume: bool = False,
     ):
         self.step, self.config, self.command, self.run_id = step, config or {}, command, run_id
+        self.resume = resume
         self.record: StepRecord | None = None
+        self._last_beat = -math.inf
         self.history: list[dict[str, float]] = []  # validation metrics per epoch, for the best values
 
     # -- start ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         directory = _run_directory(trainer)  # collective under DDP: every rank asks
         if not trainer.is_global_zero or self.record is not None:
+            return
+        if self.resume and (directory / RECORD_NAME).is_file():
+            self.record = StepRecord.reopen(directory)  # its command stays the run's; the resume keeps its own
+            self._heartbeat(force=True)
+            write_atomically(directory / PARAMS_NAME, yaml.safe_dump(self.config, sort_keys=False))
             return
         record = StepRecord(
             directory,
@@ -103,7 +120,7 @@ class StepRecorder(pl.Callback):
                 record.add_input(f"data.{split}_path", path, kind="dataset", digest=self._dataset_digest(path))
         record.data["links"].update(_logger_links(trainer, record.data["run_id"]))
         self.record = record
-        record.save()
+        self._heartbeat(force=True)
         write_atomically(record.directory / PARAMS_NAME, yaml.safe_dump(self.config, sort_keys=False))
 
     @staticmethod
@@ -114,6 +131,28 @@ class StepRecorder(pl.Callback):
             return None
 
     # -- during --------------------------------------------------------------------------
+    def _heartbeat(self, force: bool = False) -> None:
+        if self.record is not None and (force or time.monotonic() - self._last_beat >= HEARTBEAT_S):
+            self._last_beat = time.monotonic()
+            self.record.beat()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._heartbeat()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._heartbeat()
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._heartbeat()
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._heartbeat()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the loops' counters are restored only now (after on_fit_start)
+        if self.record is not None and self.record.status == RESUMED:
+            self.record.note_resume(trainer.ckpt_path, trainer.global_step, trainer.current_epoch, self.command)
+
     def _note_checkpoint(self, trainer: pl.Trainer) -> None:
         """The checkpoint the run starts from: Lightning knows it only after ``setup``."""
         path = trainer.ckpt_path

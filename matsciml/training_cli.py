@@ -15,7 +15,8 @@ to ``--prediction_writer.path``.
 
 Before the Trainer is built, an accelerator the machine lacks fails with what is missing
 (:mod:`matsciml.accelerators`), and a ``fit`` inside a SLURM job is pinned to the job
-(:mod:`matsciml.slurm`) so a requeued job resumes and logs where it started.
+(:mod:`matsciml.slurm`) so a requeued job resumes and logs where it started. A ``fit`` given
+``--ckpt_path <run>/checkpoints/last.ckpt`` continues that run in its folder (:mod:`matsciml.resume`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from matsciml.accelerators import check_accelerator
 from matsciml.data.datamodules import AtomisticDataModule
 from matsciml.loggers import resolve_save_dirs, run_directory, versioned_logger_configs
 from matsciml.provenance import require_clean_checkout
+from matsciml.resume import ResumeState, pin_run_to_checkpoint, step_checkpoint
 from matsciml.slurm import job_identity, pin_run_to_job
 from matsciml.step_recorder import StepRecorder
 from matsciml.tasks.base import AtomisticTask
@@ -91,6 +93,13 @@ class MatSciMLCLI(LightningCLI):
             default=False,
             help="fit: delete the run folder first if the logger's version names an existing one",
         )
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            "--checkpoint-every-n-steps",
+            type=int | None,
+            default=None,
+            help="fit: also save checkpoints/last.ckpt every N training steps, mid-epoch (for resuming)",
+        )
 
     def _parse_ckpt_path(self) -> None:
         # Lightning parses the checkpoint's hyper-parameters with jsonargparse, which imports every
@@ -108,9 +117,13 @@ class MatSciMLCLI(LightningCLI):
         job = job_identity()
         if self.subcommand == "fit" and config.get("overwrite"):
             _clear_named_run_dirs(config.trainer)
+        resume = False
         if self.subcommand == "fit" and job is not None:
             pin_run_to_job(config.trainer, job)
-            # a requeued job starts with the same config, in the folder it has already saved it to
+            resume = True
+        elif self.subcommand == "fit" and not config.get("overwrite"):
+            resume = pin_run_to_checkpoint(config.trainer, config.get("ckpt_path")) is not None
+        if resume:  # a resumed run starts with the same config, in the folder it has already saved it to
             self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
         if self.subcommand is not None:
             resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
@@ -119,12 +132,19 @@ class MatSciMLCLI(LightningCLI):
                 config=resolved,
                 command=["matsciml", *sys.argv[1:]],
                 run_id=f"slurm-{job}" if job is not None else None,
+                resume=resume,
             )
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         if self.subcommand is not None:
             self.trainer.callbacks.append(self.recorder)
+            # in every subcommand: validate/predict from a fit checkpoint then know the state it carries
+            self.trainer.callbacks.insert(0, ResumeState())  # first: sees each batch before a checkpoint is taken
+        if self.subcommand == "fit":
+            every = self.config.fit.get("checkpoint_every_n_steps")
+            if every is not None:
+                self.trainer.callbacks.append(step_checkpoint(every))
         self.trainer.callbacks.extend(self.extra_callbacks)
 
 
@@ -148,9 +168,10 @@ def run(argv: list[str], extra_callbacks: list | None = None) -> None:
         # Lightning's CSVLogger, appending to metrics.csv when a run continues in its folder
         # under --trainer.default_root_dir, else runs/ (its save_dir is filled in before instantiation)
         "logger": {"class_path": "matsciml.loggers.CSVLogger"},
-        # checkpoints/last.ckpt always names the newest checkpoint of a run, best.ckpt the best
+        # checkpoints/last.ckpt always names the newest checkpoint of a run (never last-v1.ckpt, also
+        # when a resumed run or --checkpoint_every_n_steps writes it too), best.ckpt the best
         # validation by the task's monitor metric; PlotCallback: PNGs, parity plots, learning curve
-        "callbacks": [ModelCheckpoint(save_last=True), BestCheckpoint(), PlotCallback()],
+        "callbacks": [ModelCheckpoint(save_last=True, enable_version_counter=False), BestCheckpoint(), PlotCallback()],
     }
     # LightningCLI reads sys.argv (given args next to a command line earn a warning), so
     # present argv as the command line for the duration of the run.

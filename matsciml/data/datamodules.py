@@ -206,25 +206,7 @@ class AtomisticDataModule(pl.LightningDataModule):
             if self.paths[split] is None:
                 raise ValueError(f"{type(self).__name__} has no {split}_path; set it to use the {split} split")
             self.setup({"train": "fit", "val": "validate"}.get(split, split))
-        if (context := distributed_context(self.trainer)) is not None:
-            return self._distributed_loader(split, shuffle, *context)
-        # the order of epoch e is a permutation seeded by (seed, e), as under DDP: Lightning sets the epoch,
-        # so a run resumed at epoch e sees the batches the uninterrupted run saw (a seeded generator would
-        # restart from epoch 0's order whenever the loader is rebuilt)
-        dataset = self.datasets[split]
-        sampler = UnpaddedDistributedSampler(dataset, 1, 0, shuffle=True, seed=self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=self.collate_fn(),
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def _distributed_loader(self, split: str, shuffle: bool, world: int, rank: int) -> DataLoader:
-        """Loaders Lightning keeps as they are (their samplers are ``DistributedSampler`` subclasses)."""
+        world, rank = distributed_context(self.trainer) or (1, 0)
         dataset = self.datasets[split]
         common = dict(
             num_workers=self.num_workers,
@@ -232,12 +214,21 @@ class AtomisticDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
-        if split == "train":
-            natoms = dataset.natoms() if self.balanced else None
+        # --trainer.overfit_batches: Lightning swaps the sampler for a SequentialSampler, which it can do in
+        # a plain DataLoader only; an overfitting run repeats a few batches and has no epoch order to resume
+        overfitting = getattr(self.trainer, "overfit_batches", 0) if self.trainer is not None else 0
+        if split == "train" and not overfitting:
+            # one process or many, the order of epoch e is a permutation seeded by (seed, e) (Lightning sets
+            # the epoch), and the loader is stateful: a checkpoint taken mid-epoch resumes at the next batch.
+            # One process has nothing to balance: natoms=None keeps the permutation's consecutive batches.
+            natoms = dataset.natoms() if self.balanced and world > 1 else None
             sampler = AtomBalancedBatchSampler(
                 dataset, self.batch_size, world, rank, natoms=natoms, shuffle=shuffle, seed=self.seed
             )
             return BatchSamplerLoader(dataset, batch_sampler=sampler, **common)
+        if world == 1:
+            return DataLoader(dataset, batch_size=self.batch_size, **common)
+        # loaders Lightning keeps as they are (their samplers are ``DistributedSampler`` subclasses)
         sampler = UnpaddedDistributedSampler(dataset, world, rank)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
 

@@ -42,7 +42,7 @@ def slurm_job_env(tmp_path: Path) -> dict[str, str]:
         SLURM_NODEID="0",
         SLURM_NODELIST="localhost",
         PATH=f"{bin_dir}:{base_env()['PATH']}",
-        PYTHONPATH=str(ROOT / "tests"),
+        PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",  # this checkout's matsciml, not the installed one
         REQUEUE_LOG=str(tmp_path / "requeue.log"),
     )
 
@@ -85,3 +85,7 @@ def test_requeued_job_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
     # the history from before the requeue is kept: validation of every epoch, training steps from step 0
     assert sorted({int(r["epoch"]) for r in rows if r.get("val/energy_mae")}) == list(range(EPOCHS))
     assert min(int(r["step"]) for r in rows if r.get("train/loss_step")) == 0
+    # and one step record, continued by the requeued job
+    record = json.loads((run_dir / "step.json").read_text())
+    assert record["run_id"] == "slurm-777" and record["status"] == "COMPLETED"
+    assert [r["checkpoint"] for r in record["resumes"]] == [str((run_dir / "hpc_ckpt_1.ckpt").resolve())]

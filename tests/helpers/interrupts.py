@@ -43,3 +43,19 @@ class RaiseAtStep(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(self.message)
+
+
+class KillAtStep(pl.Callback):
+    """SIGKILLs this process after training step ``step``, once per ``marker`` file: no handler, no cleanup.
+
+    The marker is written first, so the resumed run (the same command line) trains on. ``rank``:
+    only that global rank dies (under DDP the others find out from the collectives or the launcher).
+    """
+
+    def __init__(self, step: int, marker: str, rank: int = 0):
+        self.step, self.marker, self.rank = step, Path(marker), rank
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank and not self.marker.exists():
+            self.marker.write_text(f"{self.step} {os.getpid()}")
+            os.kill(os.getpid(), signal.SIGKILL)
