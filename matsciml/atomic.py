@@ -7,6 +7,9 @@ path, is deleted after. Where that call does not exist (macOS, Windows, Linux < 
 without exchange support such as some network mounts), the fallback moves the old folder aside
 and the new one in: two renames, between which a reader can find neither (the documented window);
 if the second rename fails the old folder is moved back.
+
+:func:`write_file` writes one file that way (a temporary file beside it, then one rename), and a
+write that fails because the disk is full is a :class:`DiskFullError` naming the file.
 """
 
 from __future__ import annotations
@@ -17,10 +20,72 @@ import errno
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+# LMDB reports a short write into a full filesystem as EIO: with this little space left, it was the disk
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+class DiskFullError(OSError):
+    """No space (or quota) left on the filesystem a file or dataset was being written to."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(errno.ENOSPC, f"no space left on device writing {path}; free some space and run again")
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # a DataLoader worker or DDP rank sends it back whole
+        return (type(self), (self.filename,))
+
+
+def disk_full(err: BaseException, path: str | os.PathLike) -> DiskFullError | None:
+    """A :class:`DiskFullError` for ``path`` if ``err`` (raised writing it) means the disk is full.
+
+    Call it before the partial output is removed: LMDB's EIO is judged by the space left then.
+    """
+    if isinstance(err, DiskFullError):
+        return err
+    code = getattr(err, "errno", None)
+    if code in _FULL:
+        return DiskFullError(path)
+    lmdb_error = type(err).__module__.partition(".")[0] == "lmdb"
+    if lmdb_error or code == errno.EIO:
+        folder = Path(path)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES:
+            return DiskFullError(path)
+    return None
+
+
+def write_file(path: str | os.PathLike, content: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write ``content`` (bytes, or a function writing to a binary handle) to a temporary file
+    beside ``path``, then rename it into place.
+
+    The old file stays byte-identical until the new one is complete and on disk; on any error
+    the temporary file is removed, and a full disk raises :class:`DiskFullError`.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(content) if isinstance(content, bytes) else content(handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # where a full disk shows on filesystems that allocate late
+        replace_path(temporary, path)
+    except BaseException as err:
+        full = disk_full(err, path)
+        temporary.unlink(missing_ok=True)
+        if full is not None:
+            raise full from err
+        raise
 
 
 def _libc() -> ctypes.CDLL | None:
