@@ -123,7 +123,9 @@ def test_a_missing_checkpoint_is_one_line(subcommand, tmp_path, monkeypatch, cap
     assert_one_line(capsys, str(missing))
 
 
-def test_a_truncated_checkpoint_is_one_line_for_validate_and_predict_structures(checkpoint, tmp_path, monkeypatch, capsys):
+def test_a_truncated_checkpoint_is_one_line_in_validate_and_predict_structures(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(checkpoint.read_bytes()[:1000])
     monkeypatch.chdir(ROOT)
@@ -239,4 +241,3 @@ def test_the_console_script_exits_2_with_one_line(corrupt_val):
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("matsciml: error: ") and "Traceback" not in done.stderr
-
