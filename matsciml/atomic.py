@@ -27,7 +27,8 @@ from typing import BinaryIO
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-# LMDB reports a short write into a full filesystem as EIO: with this little space left, it was the disk
+# LMDB reports a short write into a full filesystem as EIO: with this little space left (or 1/64 of a
+# small filesystem), it was the disk
 _NEARLY_FULL_BYTES = 1 << 20
 
 
@@ -50,17 +51,23 @@ def disk_full(err: BaseException, path: str | os.PathLike) -> DiskFullError | No
 
     Call it before the partial output is removed: LMDB's EIO is judged by the space left then.
     """
-    if isinstance(err, DiskFullError):
-        return err
-    code = getattr(err, "errno", None)
-    if code in _FULL:
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:  # torch.save raises RuntimeError from the OSError
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    found = next((link for link in chain if isinstance(link, DiskFullError)), None)
+    if found is not None:
+        return found
+    codes = {getattr(link, "errno", None) for link in chain}
+    if codes & set(_FULL):
         return DiskFullError(path)
-    lmdb_error = type(err).__module__.partition(".")[0] == "lmdb"
-    if lmdb_error or code == errno.EIO:
+    if errno.EIO in codes or any(type(link).__module__.partition(".")[0] == "lmdb" for link in chain):
         folder = Path(path)
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
-        if shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES:
+        usage = shutil.disk_usage(folder)
+        if usage.free < min(_NEARLY_FULL_BYTES, usage.total // 64):
             return DiskFullError(path)
     return None
 
