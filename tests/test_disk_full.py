@@ -295,3 +295,14 @@ def test_a_full_tmpfs_keeps_the_previous_predictions_file(checkpoint, tmp_path, 
     done = partial.with_name(partial.name + ".done")
     finished = 0 if not done.exists() else json.loads(done.read_text())["bytes"]
     assert partial.stat().st_size == finished
+
+
+def test_a_full_tmpfs_keeps_the_previous_synthetic_devset(tmpfs, capsys):
+    # DatasetWriter as a context manager (devset builders): the same rule as data convert
+    destination = tmpfs / "synthetic"
+    assert main(["devset", "synthetic", str(destination), "--num", "5"]) == 0
+    before = snapshot(destination)
+    fill(tmpfs, leave=64 * 1024)
+    assert main(["devset", "synthetic", str(destination), "--num", "2000", "--overwrite"]) == 2
+    assert f"no space left on device writing {destination}" in capsys.readouterr().err
+    assert snapshot(destination) == before and leftovers(tmpfs) == []

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from matsciml.atomic import disk_full
 from matsciml.data import keys as K
 from matsciml.data.errors import DataError
 from matsciml.data.formats import ase_io
@@ -114,11 +113,8 @@ def convert(
                     written += 1
                 progress.advance(bar, len(records))
         return writer.close()
-    except BaseException as err:  # Ctrl-C included: drop the partial dataset
-        full = disk_full(err, destination)  # judged before abort() frees the space
-        writer.abort()
-        if full is not None:
-            raise full from err
+    except BaseException as err:  # Ctrl-C included: drop the partial dataset (a full disk: DiskFullError)
+        writer.fail(err)
         raise
 
 
