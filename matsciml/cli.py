@@ -35,7 +35,7 @@ def _dataset_path(args: argparse.Namespace) -> Path:
         task, _, split = args.devset.partition("/")
         return devset_path(task, split or args.split)
     if args.path is None:
-        raise SystemExit("error: give a dataset PATH or --devset TASK")
+        raise argparse.ArgumentError(None, "give a dataset PATH or --devset TASK")
     return Path(args.path)
 
 

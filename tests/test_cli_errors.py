@@ -140,6 +140,18 @@ def test_a_truncated_checkpoint_is_one_line_in_validate_and_predict_structures(
     assert_one_line(capsys, str(broken))
 
 
+def test_a_corrupt_package_is_one_line_in_predict_structures(tmp_path, capsys):
+    from ase.build import bulk
+    from ase.io import write
+
+    write(tmp_path / "in.xyz", bulk("Cu", cubic=True))
+    package = tmp_path / "model.zip"
+    package.write_bytes(b"not a zip")
+    argv = ["predict-structures", str(package), str(tmp_path / "in.xyz"), "--out", str(tmp_path / "out.xyz")]
+    assert main(argv) == 2
+    assert_one_line(capsys, str(package))
+
+
 @pytest.mark.parametrize(
     ("option", "expected"),
     [
@@ -167,6 +179,13 @@ def test_data_export_runs_and_hpo_errors_are_one_line(corrupt_val, tmp_path, cap
     missing = tmp_path / "missing.yaml"
     assert main(["hpo", "--config", str(missing), "--space", str(missing), "--trials", "1"]) == 2
     assert_one_line(capsys, "missing.yaml")
+
+
+def test_usage_errors_outside_argparse_are_one_line_with_status_2(capsys):
+    assert main(["fit", "--trust-module"]) == 2  # was SystemExit("..."): status 1
+    assert_one_line(capsys, "--trust-module needs a module name")
+    assert main(["data", "info"]) == 2
+    assert_one_line(capsys, "give a dataset PATH or --devset TASK")
 
 
 @pytest.mark.parametrize("where", ["before", "after", "environment"])
