@@ -12,11 +12,14 @@ module was never imported cannot have been raised, so matching one imports nothi
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
+
+from matsciml.atomic import DiskFullError
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "MATSCIML_DEBUG"
@@ -98,6 +101,10 @@ def input_error(err: BaseException, extra: Sequence[tuple[str, str]] = ()) -> st
                 return one_line(message)
         elif isinstance(link, kinds):
             return one_line(str(link) or type(link).__name__)
+    # a full disk under a writer that does not name it (Lightning's logs and plots, torch.save's RuntimeError)
+    for link in chain:
+        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT):
+            return one_line(str(DiskFullError(link.filename)) if link.filename else f"no space left on device: {link}")
     return None
 
 

@@ -260,3 +260,18 @@ def test_the_console_script_exits_2_with_one_line(corrupt_val):
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("matsciml: error: ") and "Traceback" not in done.stderr
+
+
+def test_a_full_disk_under_any_writer_is_an_input_error():
+    # Lightning writes metrics.csv and config.yaml itself; torch.save raises RuntimeError from the OSError
+    assert input_error(OSError(28, "No space left on device", "/runs/metrics.csv")) == (
+        "no space left on device writing /runs/metrics.csv; free some space and run again"
+    )
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+    except RuntimeError as err:
+        assert input_error(err) == "no space left on device: [Errno 28] No space left on device"
+    assert input_error(OSError(5, "Input/output error")) is None  # other I/O errors stay tracebacks
