@@ -362,10 +362,10 @@ TRAINING_HELP = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from matsciml.cli_errors import ARGUMENT_ERRORS, debug_flag, report
+    from matsciml.cli_errors import ARGUMENT_ERRORS, debug_flag, job_errors, report
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    with debug_flag(argv) as argv:  # --debug: tracebacks of input errors too (matsciml.cli_errors)
+    with debug_flag(argv) as argv, job_errors():  # --debug: tracebacks of input errors too (matsciml.cli_errors)
         training = bool(argv) and argv[0] in TRAINING_HELP
         try:
             _run_training(argv) if training else _run_command(argv)

@@ -16,13 +16,16 @@ import errno
 import os
 import re
 import sys
+import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from matsciml.atomic import DiskFullError
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "MATSCIML_DEBUG"
+ERRORS_ENV = "MATSCIML_ERROR_FILE"
 
 #: (module, class name) of every error caused by input, on every subcommand.
 INPUT_ERRORS: tuple[tuple[str, str], ...] = (
@@ -132,15 +135,56 @@ def debug_flag(argv: Sequence[str]) -> Iterator[list[str]]:
             os.environ[DEBUG_ENV] = previous
 
 
+@contextlib.contextmanager
+def job_errors() -> Iterator[None]:
+    """A file where the processes of one job (the DDP ranks this one starts) note their input errors.
+
+    When one rank stops on bad input, the others fail next in a collective ("Connection closed
+    by peer"): :func:`report` finds the note and exits 2 without a second line or a traceback.
+    """
+    if os.environ.get(ERRORS_ENV):  # a rank started by the launcher: the launcher's file
+        yield
+        return
+    handle, path = tempfile.mkstemp(prefix="matsciml-errors-", suffix=".txt")
+    os.close(handle)
+    os.environ[ERRORS_ENV] = path
+    try:
+        yield
+    finally:
+        os.environ.pop(ERRORS_ENV, None)
+        Path(path).unlink(missing_ok=True)
+
+
+def _note(message: str) -> None:
+    path = os.environ.get(ERRORS_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:  # one short append per process
+            handle.write(f"{os.getpid()}\t{message}\n")
+
+
+def _peer_stopped_on_input() -> bool:
+    path = os.environ.get(ERRORS_ENV)
+    if not path or not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as handle:
+        return any(line.partition("\t")[0] != str(os.getpid()) for line in handle if line.strip())
+
+
 def report(err: BaseException, extra: Sequence[tuple[str, str]] = ()) -> int:
-    """Print ``err`` as one ``matsciml: error:`` line and return 2, or re-raise it if it is a bug."""
+    """Print ``err`` as one ``matsciml: error:`` line and return 2, or re-raise it if it is a bug.
+
+    A process whose error followed another rank's input error (noted by :func:`job_errors`)
+    returns 2 quietly: that rank has printed the line.
+    """
     if isinstance(err, KeyboardInterrupt):
         print("matsciml: interrupted", file=sys.stderr)
         return 130
     message = input_error(err, extra)
-    if message is None:
+    if message is None and not _peer_stopped_on_input():
         raise err
     if debug_requested():
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
-    print(f"matsciml: error: {message}", file=sys.stderr)
+    if message is not None:
+        _note(message)
+        print(f"matsciml: error: {message}", file=sys.stderr)
     return 2

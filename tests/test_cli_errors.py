@@ -275,3 +275,30 @@ def test_a_full_disk_under_any_writer_is_an_input_error():
     except RuntimeError as err:
         assert input_error(err) == "no space left on device: [Errno 28] No space left on device"
     assert input_error(OSError(5, "Input/output error")) is None  # other I/O errors stay tracebacks
+
+
+@pytest.mark.slow
+def test_an_input_error_on_one_ddp_rank_is_one_line_for_the_job(corrupt_val, tmp_path):
+    """The rank that reads the bad record prints the line; the one that then loses its peer exits 2 quietly."""
+    import socket
+
+    split, shard = corrupt_val
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    drop = ("SLURM_", "MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC", "PL_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    argv = [*QUICK, "--config=configs/trainer/ddp.yaml", "--trainer.accelerator=cpu", "--trainer.devices=2"]
+    argv += ["--trainer.limit_val_batches=2", f"--data.init_args.val_path={split}", "--data.init_args.num_workers=1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "matsciml", "fit", *argv, f"--trainer.default_root_dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.startswith("matsciml: error:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1 and f"{shard}, record 1" in lines[0] and "Traceback" not in done.stderr
