@@ -89,7 +89,7 @@ def _progress_file(partial: Path) -> Path:
 
 
 def _append(partial: Path, results: list[Atoms], done: dict) -> None:
-    """Append one batch; on a full disk cut ``partial`` back to its finished batches and say so."""
+    """Append one batch; on a full disk cut ``partial`` back to its finished batches (none: remove it) and say so."""
     try:
         with open(partial, "a") as handle:
             write(handle, results, format="extxyz")
@@ -99,8 +99,11 @@ def _append(partial: Path, results: list[Atoms], done: dict) -> None:
         full = disk_full(err, partial)
         if full is None:
             raise
-        with open(partial, "r+b") as handle:  # frees the half batch; a rerun continues from here
-            handle.truncate(done["bytes"])
+        if done["bytes"] == 0:
+            partial.unlink()
+        else:
+            with open(partial, "r+b") as handle:  # frees the half batch; a rerun continues from here
+                handle.truncate(done["bytes"])
         raise full from err
 
 

@@ -294,7 +294,7 @@ def test_a_full_tmpfs_keeps_the_previous_predictions_file(checkpoint, tmp_path, 
     # the partial file is the resume point: cut back to its finished batches, which a rerun continues after
     done = partial.with_name(partial.name + ".done")
     finished = 0 if not done.exists() else json.loads(done.read_text())["bytes"]
-    assert partial.stat().st_size == finished
+    assert partial.stat().st_size == finished if finished else not partial.exists()
 
 
 def test_a_full_tmpfs_keeps_the_previous_synthetic_devset(tmpfs, capsys):
@@ -306,3 +306,21 @@ def test_a_full_tmpfs_keeps_the_previous_synthetic_devset(tmpfs, capsys):
     assert main(["devset", "synthetic", str(destination), "--num", "2000", "--overwrite"]) == 2
     assert f"no space left on device writing {destination}" in capsys.readouterr().err
     assert snapshot(destination) == before and leftovers(tmpfs) == []
+
+
+def test_enospc_in_predict_structures_keeps_the_previous_file_and_the_rerun_completes(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    structures, out = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
+    write(structures, emt_frames(3, labels=False), format="extxyz")
+    out.write_bytes(b"an older predictions file\n")
+    partial = out.with_name(out.name + ".partial")
+    with monkeypatch.context() as patch:
+        fill_disk_for(patch, lambda path: path == partial)
+        assert main(["predict-structures", str(checkpoint), str(structures), "--out", str(out)]) == 2
+    assert f"no space left on device writing {partial}" in capsys.readouterr().err
+    assert out.read_bytes() == b"an older predictions file\n" and not partial.exists()  # no batch had finished
+    assert main(["predict-structures", str(checkpoint), str(structures), "--out", str(out)]) == 0  # space freed
+    from ase.io import read
+
+    assert len(read(out, index=":")) == 3
