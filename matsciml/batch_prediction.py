@@ -22,6 +22,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 from rich.console import Console
 
+from matsciml.atomic import disk_full, write_file
 from matsciml.calculators import TRAINED, MaxNeighbors, inference_graph
 from matsciml.data.progress import progress_bar
 from matsciml.data.structures import batch_from_atoms
@@ -87,6 +88,25 @@ def _progress_file(partial: Path) -> Path:
     return partial.with_name(partial.name + ".done")
 
 
+def _append(partial: Path, results: list[Atoms], done: dict) -> None:
+    """Append one batch; on a full disk cut ``partial`` back to its finished batches (none: remove it) and say so."""
+    try:
+        with open(partial, "a") as handle:
+            write(handle, results, format="extxyz")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        full = disk_full(err, partial)
+        if full is None:
+            raise
+        if done["bytes"] == 0:
+            partial.unlink()
+        else:
+            with open(partial, "r+b") as handle:  # frees the half batch; a rerun continues from here
+                handle.truncate(done["bytes"])
+        raise full from err
+
+
 def predict_files(
     task: AtomisticTask,
     inputs: Sequence[str | os.PathLike],
@@ -121,14 +141,9 @@ def predict_files(
         counter = bar.add_task(f"predicting into {out.name}", total=len(structures), completed=done["structures"])
         remaining = structures[done["structures"] :]
         for results in _batches(task, remaining, batch_size, num_workers, max_neighbors):
-            with open(partial, "a") as handle:
-                write(handle, results, format="extxyz")
-                handle.flush()
-                os.fsync(handle.fileno())
+            _append(partial, results, done)
             done = {"structures": done["structures"] + len(results), "bytes": partial.stat().st_size}
-            tmp = done_file.with_name(done_file.name + ".tmp")
-            tmp.write_text(json.dumps(done))
-            os.replace(tmp, done_file)
+            write_file(done_file, json.dumps(done).encode())
             bar.update(counter, completed=done["structures"])
     os.replace(partial, out)
     done_file.unlink()

@@ -35,7 +35,7 @@ def _dataset_path(args: argparse.Namespace) -> Path:
         task, _, split = args.devset.partition("/")
         return devset_path(task, split or args.split)
     if args.path is None:
-        raise SystemExit("error: give a dataset PATH or --devset TASK")
+        raise argparse.ArgumentError(None, "give a dataset PATH or --devset TASK")
     return Path(args.path)
 
 
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="matsciml", description=matsciml.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"matsciml {matsciml.__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of errors (also MATSCIML_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # fit/validate/test/predict are dispatched to LightningCLI before argparse sees them;
     # they are listed here so that `matsciml --help` shows them.
@@ -372,39 +373,36 @@ TRAINING_HELP = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TRAINING_HELP:
-        from matsciml.accelerators import AcceleratorUnavailable
-        from matsciml.provenance import DirtyCheckoutError
-        from matsciml.training_cli import run
-        from matsciml.trust import UntrustedClassError, pop_trust_flags, trusting
+    from matsciml.cli_errors import ARGUMENT_ERRORS, debug_flag, job_errors, report
 
-        # LightningCLI does not know --trust-module: it goes to the environment, which the
-        # processes of a DDP run inherit (they re-run the command line without it)
-        argv, trusted = pop_trust_flags(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with debug_flag(argv) as argv, job_errors():  # --debug: tracebacks of input errors too (matsciml.cli_errors)
+        training = bool(argv) and argv[0] in TRAINING_HELP
         try:
-            with trusting(trusted):
-                run(argv)
-        except (AcceleratorUnavailable, DirtyCheckoutError, UntrustedClassError) as err:  # a setting to change
-            print(f"matsciml: error: {err}", file=sys.stderr)
-            return 2
-        return 0
-    from matsciml.data.errors import DataError
-    from matsciml.hpo import HPOError
+            _run_training(argv) if training else _run_command(argv)
+        except (Exception, KeyboardInterrupt) as err:  # input errors: one line, exit 2; bugs re-raised
+            return report(err, extra=() if training else ARGUMENT_ERRORS)
+    return 0
+
+
+def _run_training(argv: list[str]) -> None:
+    from matsciml.training_cli import run
+    from matsciml.trust import pop_trust_flags, trusting
+
+    # LightningCLI does not know --trust-module: it goes to the environment, which the
+    # processes of a DDP run inherit (they re-run the command line without it)
+    argv, trusted = pop_trust_flags(argv)
+    with trusting(trusted):
+        run(argv)
+
+
+def _run_command(argv: list[str]) -> None:
     from matsciml.trust import trusting
 
     args = build_parser().parse_args(argv)
     args.command = ["matsciml", *argv]
-    try:
-        with trusting(getattr(args, "trust_module", [])):  # for every loader the command calls
-            args.func(args)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError, HPOError) as err:
-        print(f"matsciml: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("matsciml: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    with trusting(getattr(args, "trust_module", [])):  # for every loader the command calls
+        args.func(args)
 
 
 if __name__ == "__main__":

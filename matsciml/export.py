@@ -26,7 +26,7 @@ import torch
 from ase.data import chemical_symbols
 
 from matsciml import provenance
-from matsciml.atomic import replace_path
+from matsciml.atomic import disk_full, replace_path
 from matsciml.checkpoints import Which, checkpoint_path
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.base import AtomisticTask
@@ -404,6 +404,11 @@ def export_package(
                 for name, data in files.items():
                     (tmp / name).write_bytes(data)
             replace_path(tmp, out)
+        except BaseException as err:
+            full = disk_full(err, out)  # one line naming the package; the old one is untouched
+            if full is not None:
+                raise full from err
+            raise
         finally:
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         if as_zip:

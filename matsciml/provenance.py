@@ -31,6 +31,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from matsciml.atomic import write_file
+
 SCHEMA_VERSION = 1
 RECORD_NAME = "step.json"
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "step_record.schema.json"
@@ -74,9 +76,7 @@ def write_atomically(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_file(path, text.encode("utf-8"))
 
 
 def _git(root: Path, *args: str) -> str | None:

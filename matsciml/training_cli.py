@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from matsciml.accelerators import check_accelerator
+from matsciml.cli_errors import ConfigError
 from matsciml.data.datamodules import AtomisticDataModule
 from matsciml.loggers import resolve_save_dirs, run_directory, versioned_logger_configs
 from matsciml.provenance import require_clean_checkout
@@ -135,6 +136,17 @@ class MatSciMLCLI(LightningCLI):
                 resume=resume,
             )
 
+    def instantiate_classes(self) -> None:
+        # a value the task, model or data module refuses while being built is the config's error
+        # (jsonargparse wraps it as "Call to compute_fn of link ... failed: ..."; keep the cause)
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise ConfigError(f"config refused: {cause}") from err
+
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         if self.subcommand is not None:
@@ -172,6 +184,8 @@ def run(argv: list[str], extra_callbacks: list | None = None) -> None:
         # when a resumed run or --checkpoint_every_n_steps writes it too), best.ckpt the best
         # validation by the task's monitor metric; PlotCallback: PNGs, parity plots, learning curve
         "callbacks": [ModelCheckpoint(save_last=True, enable_version_counter=False), BestCheckpoint(), PlotCallback()],
+        # checkpoints written beside their path and renamed: a full disk keeps the previous one
+        "plugins": [{"class_path": "matsciml.checkpoint_io.AtomicCheckpointIO"}],
     }
     # LightningCLI reads sys.argv (given args next to a command line earn a warning), so
     # present argv as the command line for the duration of the run.
@@ -193,6 +207,8 @@ def run(argv: list[str], extra_callbacks: list | None = None) -> None:
             trainer_defaults=trainer_defaults,
             auto_configure_optimizers=True,
             extra_callbacks=extra_callbacks,
+            # a refused key or value raises (matsciml.cli_errors makes it one line) instead of usage + exit
+            parser_kwargs={"exit_on_error": False},
         )
     finally:
         sys.argv = saved

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+from argparse import ArgumentError
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -146,7 +147,7 @@ def pop_trust_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         if arg == FLAG or arg.startswith(FLAG + "="):
             name = next(args, None) if arg == FLAG else arg.partition("=")[2]
             if not _is_dotted_name(name):  # a usage error, as argparse reports one
-                raise SystemExit(f"matsciml: error: {FLAG} needs a module name (e.g. {FLAG} my_models), got {name!r}")
+                raise ArgumentError(None, f"{FLAG} needs a module name (e.g. {FLAG} my_models), got {name!r}")
             names.append(name)
         else:
             rest.append(arg)

@@ -124,8 +124,8 @@ def convert(
                     written += 1
                 progress.advance(bar, len(records))
         return writer.close()
-    except BaseException:  # Ctrl-C included: drop the partial dataset
-        writer.abort()
+    except BaseException as err:  # Ctrl-C included: drop the partial dataset (a full disk: DiskFullError)
+        writer.fail(err)
         raise
 
 

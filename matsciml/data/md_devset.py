@@ -49,7 +49,7 @@ from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from rich.console import Console
 
-from matsciml.atomic import replace_path
+from matsciml.atomic import disk_full, replace_path
 from matsciml.data import emt_systems as emt
 from matsciml.data import keys as K
 from matsciml.data.devsets import DEVSET_SPLITS
@@ -267,10 +267,13 @@ def build_md_devset(
         for writer in writers.values():
             writer.close()
         replace_path(partial, out)
-    except BaseException:
+    except BaseException as err:
+        full = disk_full(err, out)  # judged before the partial splits are removed
         for writer in writers.values():
             writer.abort()  # closes open shards; harmless on a closed writer
         shutil.rmtree(partial, ignore_errors=True)
+        if full is not None:
+            raise full from err
         raise
     if progress:
         Console().print(f"built the MD devset in {out} in {time.perf_counter() - start:.1f} s")

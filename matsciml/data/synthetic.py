@@ -280,7 +280,7 @@ def write_synthetic(
                 if sid % 500 == 499:  # redrawing per record would cost more than the record
                     bar.advance(bar_task, 500)
             bar.update(bar_task, completed=num_structures)
-    except BaseException:
-        writer.abort()
+    except BaseException as err:
+        writer.fail(err)  # drops the partial dataset; a full disk is a DiskFullError
         raise
     return writer.close()

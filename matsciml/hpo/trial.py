@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 
+from matsciml.cli_errors import one_line
 from matsciml.hpo import HPOError
 from matsciml.provenance import load_record, write_atomically
 
@@ -80,9 +82,8 @@ def run_fit(base_config: Path, overrides: list[str], run_dir: Path, callbacks: l
     ]
     try:
         run(argv, extra_callbacks=callbacks)
-    except SystemExit as err:  # jsonargparse has printed which argument it refused
-        if err.code not in (0, None):
-            raise HPOError(f"matsciml fit refused the trial's arguments (see above): {' '.join(argv)}") from None
+    except ArgumentError as err:  # jsonargparse refused a key or value
+        raise HPOError(f"matsciml fit refused the trial's arguments ({one_line(err)}): {' '.join(argv)}") from None
     return load_record(run_dir)
 
 

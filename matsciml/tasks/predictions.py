@@ -1,8 +1,7 @@
-"""Write what ``predict`` returns to one ``.npz`` file per process, atomically."""
+"""Write what ``predict`` returns to one ``.npz`` file per process, atomically (:func:`matsciml.atomic.write_file`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from matsciml.atomic import write_file
 
 
 def gather_predictions(batches: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -52,9 +53,6 @@ class PredictionWriter(BasePredictionWriter):
         arrays = gather_predictions(list(batches))
         path = self._target(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(temporary, path)
+        write_file(path, lambda handle: np.savez(handle, **arrays))  # a full disk keeps the old file
         self.written_path = path
         print(f"matsciml: wrote {len(arrays.get('energy', []))} predictions to {path}")

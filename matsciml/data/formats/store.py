@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matsciml.atomic import replace_path
+from matsciml.atomic import disk_full, replace_path
 from matsciml.data import keys as K
 from matsciml.data.errors import DataError
 from matsciml.data.formats import lmdb_shards
@@ -244,9 +244,13 @@ class DatasetWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException as err:
+                self.fail(err)
+                raise
         else:
-            self.abort()
+            self.fail(exc)
 
     # -- writing ------------------------------------------------------------------------
     def add(self, record: Record, source: str | os.PathLike = "<input>", index: int | str = "?") -> None:
@@ -327,6 +331,13 @@ class DatasetWriter:
         replace_path(self._tmp, self.destination) if self.overwrite else os.replace(self._tmp, self.destination)
         self._closed = True
         return card
+
+    def fail(self, err: BaseException) -> None:
+        """:meth:`abort` after ``err``; raises :class:`~matsciml.atomic.DiskFullError` if the disk is full."""
+        full = disk_full(err, self.destination)  # judged before abort() frees the space
+        self.abort()
+        if full is not None:
+            raise full from err
 
     def abort(self) -> None:
         """Drop everything written so far; ``destination`` is left untouched."""
