@@ -87,8 +87,10 @@ def _worker_original(err: BaseException) -> tuple[type | None, str] | None:
 def input_error(err: BaseException, extra: Sequence[tuple[str, str]] = ()) -> str | None:
     """The one-line message for ``err`` if input caused it (it or an error it was raised from), else None.
 
-    The deepest input error of the chain wins: it is the root cause, and the wrappers (jsonargparse's
-    "Call to compute_fn of link ... failed", a DataLoader worker's re-raise) only add noise.
+    The outermost input error of the chain wins: wrappers that are not input errors (jsonargparse's
+    "Call to compute_fn of link ... failed", a DataLoader worker's re-raise) are passed through, and
+    an input error raised from another one adds context to it (a dataset naming the file and record
+    of a structure its transform refused).
     """
     kinds = _types(INPUT_ERRORS) + _types(extra)
     chain, seen, current = [], set(), err
@@ -96,7 +98,7 @@ def input_error(err: BaseException, extra: Sequence[tuple[str, str]] = ()) -> st
         seen.add(id(current))
         chain.append(current)
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-    for link in reversed(chain):
+    for link in chain:
         original = _worker_original(link)
         if original is not None:
             cls, message = original

@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from matsciml.accelerators import check_accelerator
-from matsciml.cli_errors import ConfigError
+from matsciml.cli_errors import ConfigError, input_error
 from matsciml.data.datamodules import AtomisticDataModule
 from matsciml.loggers import resolve_save_dirs, run_directory, versioned_logger_configs
 from matsciml.provenance import require_clean_checkout
@@ -142,6 +142,8 @@ class MatSciMLCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
+            if input_error(err) is not None:  # a dataset's or checkpoint's error says what it is
+                raise
             cause = err
             while cause.__cause__ is not None:
                 cause = cause.__cause__
