@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in TRAINING_HELP:
         from matsciml.accelerators import AcceleratorUnavailable
         from matsciml.provenance import DirtyCheckoutError
-        from matsciml.training_cli import run
+        from matsciml.training_cli import TrainingDiverged, run
         from matsciml.trust import UntrustedClassError, pop_trust_flags, trusting
 
         # LightningCLI does not know --trust-module: it goes to the environment, which the
@@ -374,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with trusting(trusted):
                 run(argv)
-        except (AcceleratorUnavailable, DirtyCheckoutError, UntrustedClassError) as err:  # a setting to change
-            print(f"matsciml: error: {err}", file=sys.stderr)
+        except (AcceleratorUnavailable, DirtyCheckoutError, UntrustedClassError, TrainingDiverged) as err:
+            print(f"matsciml: error: {err}", file=sys.stderr)  # a setting to change (lr, data, ...)
             return 2
         return 0
     from matsciml.data.errors import DataError

@@ -43,3 +43,20 @@ class RaiseAtStep(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(self.message)
+
+
+class NonFiniteAtStep(pl.Callback):
+    """Turns the positions of the training batches at the given steps into NaN: a step that diverges.
+
+    Args:
+        steps: the ``trainer.global_step`` values whose batch is poisoned (an int or a list).
+        value: what the positions become (``"nan"`` or ``"inf"``).
+    """
+
+    def __init__(self, steps: int | list[int], value: str = "nan"):
+        self.steps = {steps} if isinstance(steps, int) else set(steps)
+        self.value = float(value)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, *args) -> None:
+        if trainer.global_step in self.steps:
+            batch["positions"].fill_(self.value)  # in place: the batch the training step gets

@@ -1,0 +1,210 @@
+"""The divergence guard: a non-finite loss or gradient stops training at that step, before it is applied.
+
+:class:`DivergenceGuard` is on for every ``matsciml fit`` (``divergence_guard:`` in a config). Each
+training step it checks the loss and the gradients once the backward pass is done and before the
+optimiser uses them. A bad step raises :class:`TrainingDiverged`, one line naming the epoch, the
+step, the batch's structures and the last finite loss; the weights, the EMA average and the optimiser
+state are still those of the last good step, no checkpoint is written after it (Lightning saves none
+on an exception), and the step record ends ``FAILED`` with the line. With ``skip_nonfinite_batches: N``
+up to ``N`` such batches are dropped instead (no optimiser step for them), counted in the metric
+``train/skipped_nonfinite_batches``, which the step record keeps among its final metrics.
+
+Independently, a checkpoint whose weights or optimiser state hold NaN/inf is refused before it is
+written (:meth:`DivergenceGuard.on_save_checkpoint`), so ``last.ckpt`` and ``best.ckpt`` keep the last
+finite state whatever made the weights non-finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+#: the metric counting skipped batches (logged when ``skip_nonfinite_batches`` > 0)
+SKIPPED_METRIC = "train/skipped_nonfinite_batches"
+#: structures named per message; a larger batch is summarised by its count
+_MAX_IDS = 8
+
+
+class TrainingDiverged(RuntimeError):
+    """A training step gave a non-finite loss or gradient, or a checkpoint would hold non-finite values."""
+
+
+def structure_ids(batch: Any) -> str:
+    """``"sid/fid"`` of each structure in ``batch`` (as the batch carries them), e.g. ``"12/0, 12/3"``."""
+    fields = [key for key in ("sid", "fid") if _has(batch, key)]
+    if not fields:
+        return "(the batch carries no sid/fid)"
+    columns = [torch.as_tensor(batch[key]).reshape(-1).tolist() for key in fields]
+    ids = ["/".join(str(v) for v in row) for row in zip(*columns, strict=True)]
+    shown = ", ".join(ids[:_MAX_IDS]) + (f", ... ({len(ids)} in all)" if len(ids) > _MAX_IDS else "")
+    return f"{'/'.join(fields)} {shown}"
+
+
+def _has(batch: Any, key: str) -> bool:
+    try:
+        return key in batch
+    except TypeError:  # e.g. a DGL graph: its ids are in the matsciml batch the task builds from it
+        return False
+
+
+def _float_tensors(tree: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(path, tensor)`` for every floating-point tensor in nested dicts/lists (a checkpoint)."""
+    stack = [("", tree)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() or node.is_complex():
+                yield path, node
+        elif isinstance(node, Mapping):
+            stack.extend((f"{path}.{key}" if path else str(key), value) for key, value in node.items())
+        elif isinstance(node, list | tuple):
+            stack.extend((f"{path}[{i}]", value) for i, value in enumerate(node))
+
+
+def first_nonfinite(tree: Any) -> str | None:
+    """The path of the first tensor in ``tree`` holding NaN or inf, or ``None`` if all are finite."""
+    tensors = list(_float_tensors(tree))
+    if not tensors:
+        return None
+    finite = torch.stack([torch.isfinite(t).all().to("cpu") for _, t in tensors])  # one host transfer per device
+    if bool(finite.all()):
+        return None
+    return tensors[int((~finite).nonzero()[0])][0]
+
+
+def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A 0-d bool tensor on ``device``: every value of every tensor is finite (no host sync)."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()
+
+
+class DivergenceGuard(pl.Callback):
+    """Stop (or skip) a training step whose loss or gradients are not finite, before the optimiser applies it.
+
+    The check lives in ``on_before_optimizer_step``: Lightning calls it inside the optimiser's closure
+    after ``training_step`` and ``backward`` and before ``optimizer.step()`` (and before gradient
+    clipping), so it sees this step's gradients while the weights are untouched. The loss comes from
+    ``on_before_backward`` of the same step (with gradient accumulation, every accumulated batch's).
+    Under DDP the gradients are already averaged over ranks, and the decision is reduced over ranks
+    (one scalar per step), so every rank stops or skips together; a rank alone raising would leave
+    the others waiting in the next collective.
+
+    With fp16 mixed precision (a ``GradScaler``), inf gradients are routine: the scaler skips those
+    steps and lowers its scale. Only the loss is checked then.
+
+    Args:
+        skip_nonfinite_batches: how many bad batches to drop (their gradients are cleared, so the
+            optimiser leaves weights and state alone) before the next one stops the run. 0 (default):
+            the first one stops it.
+    """
+
+    def __init__(self, skip_nonfinite_batches: int = 0):
+        if isinstance(skip_nonfinite_batches, bool) or not isinstance(skip_nonfinite_batches, int):
+            raise TypeError(f"skip_nonfinite_batches must be an integer, got {skip_nonfinite_batches!r}")
+        if skip_nonfinite_batches < 0:
+            raise ValueError(f"skip_nonfinite_batches must be >= 0, got {skip_nonfinite_batches}")
+        self.skip_nonfinite_batches = skip_nonfinite_batches
+        #: what each skipped batch was: epoch, step, structures, loss
+        self.skipped: list[dict[str, Any]] = []
+        self._batches: list[Any] = []  # the batches since the last optimiser step
+        self._losses: list[torch.Tensor] = []
+        self._last_finite: tuple[int, torch.Tensor] | None = None  # (step, loss), read only when reporting
+
+    # -- collecting the step -----------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args) -> None:
+        self._batches.append(batch)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._losses.append(loss.detach())
+
+    # -- deciding ------------------------------------------------------------------------------
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        batches, losses = self._batches, self._losses
+        self._batches, self._losses = [], []
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None  # fp16: the GradScaler handles inf
+        grads = [] if scaled else [p.grad for p in params if p.grad is not None]
+        loss_ok = _all_finite(losses, pl_module.device)
+        flags = torch.stack([loss_ok, _all_finite(grads, pl_module.device)]).cpu()  # the one host sync per step
+        local_bad = not bool(flags.all())
+        bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False) if trainer.world_size > 1 else local_bad
+        if not bad:
+            if losses:
+                self._last_finite = (trainer.global_step, losses[-1])
+            return
+        where = self._describe(trainer, batches, losses, bool(flags[0]), local_bad)
+        if len(self.skipped) >= self.skip_nonfinite_batches:
+            skipped = f" after skipping {len(self.skipped)} batches (skip_nonfinite_batches)" if self.skipped else ""
+            raise TrainingDiverged(
+                f"training diverged at {where}{skipped}. The step was not applied; lower the learning rate or clip "
+                "gradients (trainer.gradient_clip_val), or set divergence_guard.skip_nonfinite_batches"
+            )
+        for p in params:  # optimisers leave parameters without a gradient (and their state) alone
+            p.grad = None
+        loss = next((float(x) for x in losses if not torch.isfinite(x).all()), None)
+        structures = "; ".join(structure_ids(b) for b in batches)
+        self.skipped.append(
+            {"epoch": trainer.current_epoch, "step": trainer.global_step, "structures": structures, "loss": loss}
+        )
+        count = f"{len(self.skipped)} of {self.skip_nonfinite_batches}"
+        rank_zero_info(f"matsciml: skipped non-finite batch {count} at {where}")
+
+    def _describe(
+        self, trainer: pl.Trainer, batches: list[Any], losses: list[torch.Tensor], loss_ok: bool, local_bad: bool
+    ) -> str:
+        """``"epoch E, step S: <what> on structures <ids>; last finite loss L at step S'"``."""
+        if not local_bad:
+            what = "a non-finite loss or gradient on another rank"
+        elif not loss_ok:
+            values = ", ".join(f"{float(x):g}" for x in losses if not torch.isfinite(x).all())
+            what = f"non-finite loss ({values})"
+        else:
+            what = "non-finite gradients (finite loss)"
+        rank = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
+        structures = "; ".join(structure_ids(b) for b in batches) or "(no batch)"
+        if self._last_finite is None:
+            last = "no finite loss before it"
+        else:
+            step, value = self._last_finite
+            last = f"last finite loss {float(value):.6g} at step {step}"
+        when = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        return f"{when}: {what}{rank} on structures {structures}; {last}"
+
+    # -- reporting -----------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        if self.skip_nonfinite_batches:
+            # the same count on every rank (the decision is reduced); max keeps it a count at the epoch's end
+            pl_module.log(
+                SKIPPED_METRIC,
+                float(len(self.skipped)),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="max",
+                batch_size=1,
+                sync_dist=True,
+            )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # called before the file is written (Trainer.save_checkpoint dumps, then the strategy writes), and
+        # ModelCheckpoint removes an older file only after the new one is written: raising keeps it
+        for key in ("state_dict", "current_model_state", "optimizer_states"):  # current_model_state: EMA's raw
+            where = first_nonfinite(checkpoint.get(key))
+            if where is not None:
+                raise TrainingDiverged(
+                    f"refusing to write a checkpoint at epoch {trainer.current_epoch}, step {trainer.global_step}: "
+                    f"{key} {where} holds NaN or inf; the checkpoints already written are kept"
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": list(self.skipped)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = list(state_dict.get("skipped", []))
