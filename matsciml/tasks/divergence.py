@@ -204,7 +204,9 @@ class DivergenceGuard(pl.Callback):
                 )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": list(self.skipped)}
+        # empty unless something was skipped: Lightning then stores nothing, and a Trainer without the
+        # guard loads the checkpoint without a warning about a missing callback
+        return {"skipped": list(self.skipped)} if self.skipped else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = list(state_dict.get("skipped", []))
