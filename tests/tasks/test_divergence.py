@@ -1,0 +1,243 @@
+"""The divergence guard: a non-finite step stops ``matsciml fit`` there, keeps the finite checkpoints, says why."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from distributed.test_ddp import base_env
+
+from matsciml import plots
+from matsciml.cli import main
+from matsciml.provenance import load_record
+from matsciml.tasks.divergence import SKIPPED_METRIC, DivergenceGuard, TrainingDiverged, first_nonfinite
+from matsciml.training_cli import run
+
+ROOT = Path(__file__).resolve().parents[2]
+#: 4 training steps per epoch on the S2EF devset (batch size 4)
+QUICK = [
+    "--config",
+    "configs/devset/s2ef-egnn.yaml",
+    "--trainer.max_epochs=3",
+    "--trainer.limit_train_batches=4",
+    "--trainer.limit_val_batches=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def poison(steps) -> str:
+    spec = {"class_path": "helpers.interrupts.NonFiniteAtStep", "init_args": {"steps": steps}}
+    return f"--trainer.callbacks+={json.dumps(spec)}"
+
+
+def checkpoint(path: Path) -> dict:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert first_nonfinite(saved["state_dict"]) is None and first_nonfinite(saved["optimizer_states"]) is None
+    return saved
+
+
+def the_record(save_dir: Path) -> dict:
+    (path,) = save_dir.rglob("step.json")
+    return load_record(path)
+
+
+class WeightProbe(pl.Callback):
+    """Keeps a copy of the weights before and after every training step."""
+
+    def __init__(self):
+        self.before: dict[int, dict] = {}
+        self.after: dict[int, dict] = {}
+
+    @staticmethod
+    def _copy(pl_module) -> dict:
+        return {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        self.module = pl_module
+        self.before[trainer.global_step] = self._copy(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.after[trainer.global_step - 1] = self._copy(pl_module)
+
+
+def test_a_nan_batch_stops_fit_at_that_step_with_one_line(tmp_path):
+    env = base_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))  # this checkout's matsciml
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("matsciml")),
+            "fit",
+            *QUICK,
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            poison(6),  # epoch 1, its third batch
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("matsciml: error: training diverged at epoch 1, step 6: non-finite loss (nan)"), line
+    assert "on structures sid/fid " in line and "last finite loss " in line and "at step 5" in line
+    record = the_record(tmp_path)
+    assert record["status"] == "FAILED" and record["error"]["type"] == "TrainingDiverged"
+    assert record["error"]["message"] == line.removeprefix("matsciml: error: ")
+    folder = next(tmp_path.rglob("checkpoints"))
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
+    for name in ("last.ckpt", "best.ckpt"):  # finite, from the end of epoch 0 (before step 6)
+        assert checkpoint(folder / name)["global_step"] == 4
+
+
+def test_the_stopped_step_leaves_weights_untouched(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    probe = WeightProbe()
+    with pytest.raises(TrainingDiverged, match="training diverged at epoch 0, step 2: non-finite loss"):
+        run(["fit", *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path}", poison(2)], extra_callbacks=[probe])
+    assert 2 in probe.before and 2 not in probe.after  # it stopped inside step 2
+    for name, value in probe.module.state_dict().items():  # with step 1's weights, step 2 not applied
+        assert torch.equal(value, probe.before[2][name]), name
+    assert first_nonfinite(probe.before[2]) is None
+
+
+def test_skip_mode_skips_counts_and_records(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    probe = WeightProbe()
+    args = ["fit", *QUICK, "--trainer.max_epochs=2", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    run([*args, "--divergence_guard.skip_nonfinite_batches=2", poison([1, 5])], extra_callbacks=[probe])
+    for step in (1, 5):  # no optimiser step: the weights after equal those before
+        for name, before in probe.before[step].items():
+            assert torch.equal(before, probe.after[step][name]), (step, name)
+    assert not torch.equal(probe.before[2]["model.embedding.weight"], probe.after[2]["model.embedding.weight"])
+    record = the_record(tmp_path)
+    assert record["status"] == "COMPLETED"
+    assert record["metrics"]["final"][SKIPPED_METRIC] == 2
+    history = pd.read_csv(next(tmp_path.rglob("metrics.csv")))
+    assert history[SKIPPED_METRIC].dropna().tolist() == [1.0, 2.0]  # per epoch: the count so far
+    checkpoint(next(tmp_path.rglob("last.ckpt")))
+
+
+def test_the_batch_after_the_allowed_skips_stops_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    args = ["fit", *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    assert main([*args, "--divergence_guard.skip_nonfinite_batches=1", poison([1, 3])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("matsciml: error: training diverged at epoch 0, step 3") and "after skipping 1 batches" in err
+    assert the_record(tmp_path)["status"] == "FAILED"
+
+
+class InfWeightAtStep(pl.Callback):
+    """Sets one weight to inf after optimiser step ``step``: weights gone bad between checks."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("inf")
+
+
+def test_a_non_finite_checkpoint_is_never_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = ["fit", *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    with pytest.raises(TrainingDiverged, match=r"refusing to write a checkpoint at epoch 1, step 8: state_dict "):
+        run(args, extra_callbacks=[InfWeightAtStep(8)])  # the last step of epoch 1: its checkpoint would hold inf
+    folder = next(tmp_path.rglob("checkpoints"))
+    assert checkpoint(folder / "last.ckpt")["global_step"] == 4
+    assert checkpoint(folder / "best.ckpt")["global_step"] == 4
+
+
+class NaNValidationAtEpoch(pl.Callback):
+    """Turns the validation positions into NaN from epoch ``epoch`` on: a NaN monitored metric."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, *args) -> None:
+        if trainer.current_epoch >= self.epoch and not trainer.sanity_checking:
+            batch["positions"].fill_(float("nan"))
+
+
+def test_a_nan_validation_metric_keeps_the_finite_best(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    run(["fit", *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path}"], extra_callbacks=[NaNValidationAtEpoch(1)])
+    folder = next(tmp_path.rglob("checkpoints"))
+    assert checkpoint(folder / "best.ckpt")["global_step"] == 4  # epoch 0's, its monitor finite
+    assert checkpoint(folder / "last.ckpt")["global_step"] == 12  # the weights stay finite
+    assert (folder.parent / "parity_val.png").is_file()  # drawn from NaN predictions
+    record = the_record(tmp_path)
+    assert record["status"] == "COMPLETED" and record["metrics"]["final"]["val/force_mae"] is None
+
+
+@pytest.mark.slow
+def test_a_too_large_learning_rate_stops_cleanly(tmp_path):
+    """The issue's run (``--model.init_args.lr``), short: it stops at the first non-finite step."""
+    env = base_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))  # this checkout's matsciml
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("matsciml")),
+            "fit",
+            "--config",
+            "configs/devset/s2ef-egnn.yaml",
+            f"--model.init_args.lr={DIVERGING_LR}",
+            "--trainer.max_epochs=4",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("matsciml: error: training diverged at epoch "), line
+    assert the_record(tmp_path)["status"] == "FAILED"
+    for path in tmp_path.rglob("*.ckpt"):
+        checkpoint(path)
+
+
+#: a learning rate that takes the devset EGNN to NaN within 4 epochs (0.4, the issue's, does not here)
+DIVERGING_LR = 40.0
+
+
+def test_plots_draw_non_finite_values(tmp_path):
+    energy = (np.array([1.0, np.nan, 2.0, np.inf]), np.array([1.0, 2.0, 3.0, 4.0]))
+    forces = (np.array([[np.nan, 0.0, 1.0]]), np.array([[0.0, 0.0, 1.0]]))
+    figure, shown = plots.parity_figure(energy, forces)
+    assert np.isnan(shown["energy_mae"]) and np.isnan(shown["force_mae"])
+    plots.save_png(figure, tmp_path / "parity.png", shown)
+    figure, _ = plots.parity_figure((np.full(3, np.nan), np.ones(3)))  # nothing finite to draw
+    plots.save_png(figure, tmp_path / "empty.png")
+    history = pd.DataFrame(
+        {
+            "epoch": [0, 0, 1, 1, 2],
+            "step": [3, 3, 7, 7, 9],
+            "train/loss_epoch": [1.0, None, np.inf, None, np.nan],
+            "val/loss": [None, 0.5, None, np.nan, None],
+        }
+    )
+    figure, final = plots.learning_curve_figure(history)
+    plots.save_png(figure, tmp_path / "curve.png", final)
+    assert (tmp_path / "parity.png").is_file() and (tmp_path / "curve.png").is_file()
+
+
+def test_guard_settings_are_checked():
+    with pytest.raises(ValueError, match="skip_nonfinite_batches must be >= 0"):
+        DivergenceGuard(-1)
+    with pytest.raises(TypeError, match="skip_nonfinite_batches must be an integer"):
+        DivergenceGuard(1.5)
+    assert first_nonfinite({"a": torch.ones(2), "b": [torch.tensor([1.0, float("nan")])]}) == "b[0]"
+    assert first_nonfinite({"a": torch.ones(2), "n": torch.tensor([1])}) is None
