@@ -95,11 +95,11 @@ class DivergenceGuard(pl.Callback):
     clipping), so it sees this step's gradients while the weights are untouched. The loss comes from
     ``on_before_backward`` of the same step (with gradient accumulation, every accumulated batch's).
     Under DDP the gradients are already averaged over ranks, and the decision is reduced over ranks
-    (one scalar per step), so every rank stops or skips together; a rank alone raising would leave
+    (two numbers per step), so every rank stops or skips together; a rank alone raising would leave
     the others waiting in the next collective.
 
     With fp16 mixed precision (a ``GradScaler``), inf gradients are routine: the scaler skips those
-    steps and lowers its scale. Only the loss is checked then.
+    steps and lowers its scale. Only the loss is checked then (and reported times the scale).
 
     Args:
         skip_nonfinite_batches: how many bad batches to drop (their gradients are cleared, so the
@@ -124,7 +124,8 @@ class DivergenceGuard(pl.Callback):
         self._batches.append(batch)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        self._losses.append(loss.detach())
+        # Lightning passes the loss divided by accumulate_grad_batches (and, under fp16, times the scaler's scale)
+        self._losses.append(loss.detach() * trainer.accumulate_grad_batches)
 
     # -- deciding ------------------------------------------------------------------------------
     def on_before_optimizer_step(
@@ -135,15 +136,16 @@ class DivergenceGuard(pl.Callback):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None  # fp16: the GradScaler handles inf
         grads = [] if scaled else [p.grad for p in params if p.grad is not None]
-        loss_ok = _all_finite(losses, pl_module.device)
-        flags = torch.stack([loss_ok, _all_finite(grads, pl_module.device)]).cpu()  # the one host sync per step
-        local_bad = not bool(flags.all())
-        bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False) if trainer.world_size > 1 else local_bad
-        if not bad:
+        device = pl_module.device
+        local = torch.stack([~_all_finite(losses, device), ~_all_finite(grads, device)]).float()
+        # how many ranks saw a bad loss / bad gradients: every rank takes the same decision
+        everywhere = trainer.strategy.reduce(local.clone(), reduce_op="sum") if trainer.world_size > 1 else local
+        loss_bad, _, ranks_loss_bad, ranks_grad_bad = torch.cat([local, everywhere]).tolist()  # one host sync
+        if not (ranks_loss_bad or ranks_grad_bad):
             if losses:
                 self._last_finite = (trainer.global_step, losses[-1])
             return
-        where = self._describe(trainer, batches, losses, bool(flags[0]), local_bad)
+        where = self._describe(trainer, batches, losses, bool(loss_bad), int(ranks_loss_bad))
         if len(self.skipped) >= self.skip_nonfinite_batches:
             skipped = f" after skipping {len(self.skipped)} batches (skip_nonfinite_batches)" if self.skipped else ""
             raise TrainingDiverged(
@@ -161,25 +163,25 @@ class DivergenceGuard(pl.Callback):
         rank_zero_info(f"matsciml: skipped non-finite batch {count} at {where}")
 
     def _describe(
-        self, trainer: pl.Trainer, batches: list[Any], losses: list[torch.Tensor], loss_ok: bool, local_bad: bool
+        self, trainer: pl.Trainer, batches: list[Any], losses: list[torch.Tensor], loss_bad: bool, ranks_loss_bad: int
     ) -> str:
         """``"epoch E, step S: <what> on structures <ids>; last finite loss L at step S'"``."""
-        if not local_bad:
-            what = "a non-finite loss or gradient on another rank"
-        elif not loss_ok:
+        if loss_bad:
             values = ", ".join(f"{float(x):g}" for x in losses if not torch.isfinite(x).all())
             what = f"non-finite loss ({values})"
+        elif ranks_loss_bad:
+            what = f"non-finite loss on {ranks_loss_bad} other rank(s)"
         else:
             what = "non-finite gradients (finite loss)"
-        rank = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
         structures = "; ".join(structure_ids(b) for b in batches) or "(no batch)"
+        rank = f"; rank {trainer.global_rank} had" if trainer.world_size > 1 else " on"
+        structures = f"{rank} structures {structures}"
         if self._last_finite is None:
             last = "no finite loss before it"
         else:
             step, value = self._last_finite
             last = f"last finite loss {float(value):.6g} at step {step}"
-        when = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
-        return f"{when}: {what}{rank} on structures {structures}; {last}"
+        return f"epoch {trainer.current_epoch}, step {trainer.global_step}: {what}{structures}; {last}"
 
     # -- reporting -----------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:

@@ -51,12 +51,13 @@ class NonFiniteAtStep(pl.Callback):
     Args:
         steps: the ``trainer.global_step`` values whose batch is poisoned (an int or a list).
         value: what the positions become (``"nan"`` or ``"inf"``).
+        rank: poison only this global rank's batch (default: every rank's).
     """
 
-    def __init__(self, steps: int | list[int], value: str = "nan"):
+    def __init__(self, steps: int | list[int], value: str = "nan", rank: int | None = None):
         self.steps = {steps} if isinstance(steps, int) else set(steps)
-        self.value = float(value)
+        self.value, self.rank = float(value), rank
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, *args) -> None:
-        if trainer.global_step in self.steps:
+        if trainer.global_step in self.steps and self.rank in (None, trainer.global_rank):
             batch["positions"].fill_(self.value)  # in place: the batch the training step gets

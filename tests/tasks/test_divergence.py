@@ -33,9 +33,17 @@ QUICK = [
 ]
 
 
-def poison(steps) -> str:
-    spec = {"class_path": "helpers.interrupts.NonFiniteAtStep", "init_args": {"steps": steps}}
+def poison(steps, **more) -> str:
+    spec = {"class_path": "helpers.interrupts.NonFiniteAtStep", "init_args": {"steps": steps, **more}}
     return f"--trainer.callbacks+={json.dumps(spec)}"
+
+
+def fit(tmp_path: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``matsciml fit`` of this checkout in its own process, the test helpers importable."""
+    env = base_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    command = [str(Path(sys.executable).with_name("matsciml")), "fit", *extra]
+    command.append(f"--trainer.logger.init_args.save_dir={tmp_path}")
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def checkpoint(path: Path) -> dict:
@@ -69,21 +77,7 @@ class WeightProbe(pl.Callback):
 
 
 def test_a_nan_batch_stops_fit_at_that_step_with_one_line(tmp_path):
-    env = base_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))  # this checkout's matsciml
-    done = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("matsciml")),
-            "fit",
-            *QUICK,
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            poison(6),  # epoch 1, its third batch
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = fit(tmp_path, *QUICK, poison(6))  # epoch 1, its third batch
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     line = done.stderr.strip().splitlines()[-1]
@@ -186,30 +180,29 @@ DIVERGING_LR = 1.0
 @pytest.mark.slow
 def test_a_too_large_learning_rate_stops_cleanly(tmp_path):
     """The issue's run (``--model.init_args.lr``), short: it stops at the first non-finite step."""
-    env = base_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))  # this checkout's matsciml
-    done = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("matsciml")),
-            "fit",
-            "--config",
-            "configs/devset/s2ef-egnn.yaml",
-            f"--model.init_args.lr={DIVERGING_LR}",
-            "--trainer.max_epochs=4",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    config = ["--config", "configs/devset/s2ef-egnn.yaml", "--trainer.enable_progress_bar=false"]
+    done = fit(tmp_path, *config, f"--model.init_args.lr={DIVERGING_LR}", "--trainer.max_epochs=4", timeout=600)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("matsciml: error: training diverged at epoch 0, step "), line
     assert the_record(tmp_path)["status"] == "FAILED"
     assert not list(tmp_path.rglob("*.ckpt"))  # it stops in epoch 0, before any checkpoint: none with NaN
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_when_one_rank_diverges(tmp_path):
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    done = fit(tmp_path, *QUICK, *ddp, poison(2, rank=1))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("matsciml: error: ")]
+    assert len(errors) == 2, errors  # one per rank, each naming its own batch
+    assert any("step 2: non-finite loss (nan); rank 1 had structures sid/fid" in line for line in errors), errors
+    assert any("step 2: non-finite loss on 1 other rank(s); rank 0 had structures" in line for line in errors)
+    record = the_record(tmp_path)  # rank 0's
+    assert record["status"] == "FAILED" and "other rank(s); rank 0 had" in record["error"]["message"]
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_plots_draw_non_finite_values(tmp_path):
