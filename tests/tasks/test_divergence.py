@@ -69,8 +69,15 @@ class WeightProbe(pl.Callback):
         return {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     def on_train_batch_start(self, trainer, pl_module, *args) -> None:
-        self.module = pl_module
+        self.module, self.trainer = pl_module, trainer
         self.before[trainer.global_step] = self._copy(pl_module)
+        self.ema_before = self._ema(trainer)
+
+    @staticmethod
+    def _ema(trainer) -> dict | None:
+        """The EMA average's weights, if the task keeps one."""
+        average = next((c._average_model for c in trainer.callbacks if getattr(c, "_average_model", None)), None)
+        return None if average is None else {k: v.detach().clone() for k, v in average.module.state_dict().items()}
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         self.after[trainer.global_step - 1] = self._copy(pl_module)
@@ -95,12 +102,17 @@ def test_a_nan_batch_stops_fit_at_that_step_with_one_line(tmp_path):
 def test_the_stopped_step_leaves_weights_untouched(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     probe = WeightProbe()
+    args = ["fit", *QUICK, "--model.init_args.ema_decay=0.9", f"--trainer.logger.init_args.save_dir={tmp_path}"]
     with pytest.raises(TrainingDiverged, match="training diverged at epoch 0, step 2: non-finite loss"):
-        run(["fit", *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path}", poison(2)], extra_callbacks=[probe])
+        run([*args, poison(2)], extra_callbacks=[probe])
     assert 2 in probe.before and 2 not in probe.after  # it stopped inside step 2
     for name, value in probe.module.state_dict().items():  # with step 1's weights, step 2 not applied
         assert torch.equal(value, probe.before[2][name]), name
     assert first_nonfinite(probe.before[2]) is None
+    ema_after = probe._ema(probe.trainer)  # the average too, and the optimiser state
+    assert ema_after is not None and first_nonfinite(ema_after) is None
+    assert all(torch.equal(ema_after[k], probe.ema_before[k]) for k in ema_after)
+    assert first_nonfinite(probe.trainer.optimizers[0].state_dict()["state"]) is None
 
 
 def test_skip_mode_skips_counts_and_records(tmp_path, monkeypatch):
