@@ -76,15 +76,16 @@ def first_nonfinite(tree: Any) -> str | None:
     return tensors[int((~finite).nonzero()[0])][0]
 
 
-def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A 0-d bool tensor on ``device``: every value of every tensor is finite (no host sync).
+def _all_finite(tensors: list[torch.Tensor], device: torch.device, squared: bool = False) -> torch.Tensor:
+    """A 0-d bool tensor on ``device``: every value (or its square) of every tensor is finite (no host sync).
 
     One ``isfinite`` over the concatenation: a transient copy the size of the tensors, half the time
     of one check per tensor for the ~40 parameter tensors of a small model.
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool, device=device)
-    return torch.isfinite(torch.cat([t.reshape(-1).to(device) for t in tensors])).all()
+    flat = torch.cat([t.reshape(-1).to(device) for t in tensors])
+    return torch.isfinite(flat.square_() if squared else flat).all()  # NaN and inf stay so when squared
 
 
 class DivergenceGuard(pl.Callback):
@@ -137,7 +138,9 @@ class DivergenceGuard(pl.Callback):
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None  # fp16: the GradScaler handles inf
         grads = [] if scaled else [p.grad for p in params if p.grad is not None]
         device = pl_module.device
-        local = torch.stack([~_all_finite(losses, device), ~_all_finite(grads, device)]).float()
+        # squared: Adam keeps a running mean of g^2; a finite gradient beyond ~1.8e19 (float32) makes it inf,
+        # and that parameter never moves again (m / sqrt(inf) = 0) while the loss stays finite
+        local = torch.stack([~_all_finite(losses, device), ~_all_finite(grads, device, squared=True)]).float()
         # how many ranks saw a bad loss / bad gradients: every rank takes the same decision
         everywhere = trainer.strategy.reduce(local.clone(), reduce_op="sum") if trainer.world_size > 1 else local
         loss_bad, _, ranks_loss_bad, ranks_grad_bad = torch.cat([local, everywhere]).tolist()  # one host sync
@@ -172,7 +175,7 @@ class DivergenceGuard(pl.Callback):
         elif ranks_loss_bad:
             what = f"non-finite loss on {ranks_loss_bad} other rank(s)"
         else:
-            what = "non-finite gradients (finite loss)"
+            what = "non-finite gradients, or gradients whose square overflows (finite loss)"
         structures = "; ".join(structure_ids(b) for b in batches) or "(no batch)"
         rank = f"; rank {trainer.global_rank} had" if trainer.world_size > 1 else " on"
         structures = f"{rank} structures {structures}"
@@ -205,8 +208,9 @@ class DivergenceGuard(pl.Callback):
             where = first_nonfinite(checkpoint.get(key))
             if where is not None:
                 raise TrainingDiverged(
-                    f"refusing to write a checkpoint at epoch {trainer.current_epoch}, step {trainer.global_step}: "
-                    f"{key} {where} holds NaN or inf; the checkpoints already written are kept"
+                    f"training diverged by epoch {trainer.current_epoch}, step {trainer.global_step}: {key} {where} "
+                    "holds NaN or inf, so this checkpoint is not written (those already written are kept); lower "
+                    "the learning rate or clip gradients (trainer.gradient_clip_val)"
                 )
 
     def state_dict(self) -> dict[str, Any]:
