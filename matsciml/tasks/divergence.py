@@ -2,10 +2,12 @@
 
 :class:`DivergenceGuard` is on for every ``matsciml fit`` (``divergence_guard:`` in a config). Each
 training step it checks the loss and the gradients once the backward pass is done and before the
-optimiser uses them. A bad step raises :class:`TrainingDiverged`, one line naming the epoch, the
-step, the batch's structures and the last finite loss; the weights, the EMA average and the optimiser
-state are still those of the last good step, no checkpoint is written after it (Lightning saves none
-on an exception), and the step record ends ``FAILED`` with the line. With ``skip_nonfinite_batches: N``
+optimiser uses them: NaN or inf, or (without gradient clipping) a gradient whose square overflows,
+which would turn Adam's second moment inf and freeze that parameter while the loss stays finite.
+A bad step raises :class:`TrainingDiverged`, one line naming the epoch, the step, the batch's
+structures and the last finite loss; the weights, the EMA average and the optimiser state are still
+those of the last good step, no checkpoint is written after it (Lightning saves none on an
+exception), and the step record ends ``FAILED`` with the line. With ``skip_nonfinite_batches: N``
 up to ``N`` such batches are dropped instead (no optimiser step for them), counted in the metric
 ``train/skipped_nonfinite_batches``, which the step record keeps among its final metrics.
 
@@ -70,7 +72,7 @@ def first_nonfinite(tree: Any) -> str | None:
     tensors = list(_float_tensors(tree))
     if not tensors:
         return None
-    finite = torch.stack([torch.isfinite(t).all().to("cpu") for _, t in tensors])  # one host transfer per device
+    finite = torch.stack([torch.isfinite(t).all().to("cpu") for _, t in tensors])  # at checkpoints only
     if bool(finite.all()):
         return None
     return tensors[int((~finite).nonzero()[0])][0]
@@ -138,9 +140,11 @@ class DivergenceGuard(pl.Callback):
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None  # fp16: the GradScaler handles inf
         grads = [] if scaled else [p.grad for p in params if p.grad is not None]
         device = pl_module.device
-        # squared: Adam keeps a running mean of g^2; a finite gradient beyond ~1.8e19 (float32) makes it inf,
-        # and that parameter never moves again (m / sqrt(inf) = 0) while the loss stays finite
-        local = torch.stack([~_all_finite(losses, device), ~_all_finite(grads, device, squared=True)]).float()
+        # squared, in the gradients' dtype: Adam keeps a running mean of g^2 in it (zeros_like(param)); a finite
+        # gradient beyond ~1.8e19 in float32 makes it inf, and that parameter never moves again (m / sqrt(inf) = 0)
+        # while the loss stays finite. Not when Lightning clips gradients (after this hook): clipping bounds them
+        squared = not trainer.gradient_clip_val
+        local = torch.stack([~_all_finite(losses, device), ~_all_finite(grads, device, squared)]).float()
         # how many ranks saw a bad loss / bad gradients: every rank takes the same decision
         everywhere = trainer.strategy.reduce(local.clone(), reduce_op="sum") if trainer.world_size > 1 else local
         loss_bad, _, ranks_loss_bad, ranks_grad_bad = torch.cat([local, everywhere]).tolist()  # one host sync

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -249,3 +250,24 @@ def test_guard_settings_are_checked():
         DivergenceGuard(1.5)
     assert first_nonfinite({"a": torch.ones(2), "b": [torch.tensor([1.0, float("nan")])]}) == "b[0]"
     assert first_nonfinite({"a": torch.ones(2), "n": torch.tensor([1])}) is None
+
+
+def guard_step(guard: DivergenceGuard, grad: float, **trainer) -> None:
+    """One ``on_before_optimizer_step`` of a parameter whose gradient is ``grad``, finite loss 1."""
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    parameter.grad = torch.full((3,), grad)
+    settings = dict(world_size=1, global_rank=0, global_step=7, current_epoch=0, gradient_clip_val=None)
+    fake = SimpleNamespace(precision_plugin=None, accumulate_grad_batches=1, **{**settings, **trainer})
+    module = SimpleNamespace(device=torch.device("cpu"))
+    guard.on_train_batch_start(fake, module, {"sid": torch.tensor([3]), "fid": torch.tensor([1])}, 0)
+    guard.on_before_backward(fake, module, torch.tensor(1.0))
+    guard.on_before_optimizer_step(fake, module, torch.optim.Adam([parameter]))
+
+
+def test_a_gradient_whose_square_overflows_stops_unless_clipped():
+    guard_step(DivergenceGuard(), 1e18)  # its square fits float32
+    with pytest.raises(TrainingDiverged, match=r"step 7: non-finite gradients, or gradients whose square overflows"):
+        guard_step(DivergenceGuard(), 1e20)  # Adam's exp_avg_sq would be inf
+    guard_step(DivergenceGuard(), 1e20, gradient_clip_val=1.0)  # Lightning clips it after the check
+    with pytest.raises(TrainingDiverged, match="on structures sid/fid 3/1"):
+        guard_step(DivergenceGuard(), float("nan"), gradient_clip_val=1.0)  # clipping cannot mend NaN
