@@ -156,8 +156,8 @@ class DivergenceGuard(pl.Callback):
         if len(self.skipped) >= self.skip_nonfinite_batches:
             skipped = f" after skipping {len(self.skipped)} batches (skip_nonfinite_batches)" if self.skipped else ""
             raise TrainingDiverged(
-                f"training diverged at {where}{skipped}. The step was not applied; lower the learning rate or clip "
-                "gradients (trainer.gradient_clip_val), or set divergence_guard.skip_nonfinite_batches"
+                f"training diverged at {where}{skipped}. The step was not applied; lower the learning rate "
+                "(model.init_args.lr), or to step over rare bad batches set divergence_guard.skip_nonfinite_batches"
             )
         for p in params:  # optimisers leave parameters without a gradient (and their state) alone
             p.grad = None
@@ -214,7 +214,7 @@ class DivergenceGuard(pl.Callback):
                 raise TrainingDiverged(
                     f"training diverged by epoch {trainer.current_epoch}, step {trainer.global_step}: {key} {where} "
                     "holds NaN or inf, so this checkpoint is not written (those already written are kept); lower "
-                    "the learning rate or clip gradients (trainer.gradient_clip_val)"
+                    "the learning rate (model.init_args.lr)"
                 )
 
     def state_dict(self) -> dict[str, Any]:
