@@ -37,6 +37,7 @@ INPUT_ERRORS: tuple[tuple[str, str], ...] = (
     ("matsciml.hpo", "HPOError"),
     ("matsciml.hpo.space", "SpaceError"),
     ("matsciml.atomic", "DiskFullError"),
+    ("matsciml.tasks.divergence", "TrainingDiverged"),  # a setting to change (lr, data, skip_nonfinite_batches)
     ("matsciml.cli_errors", "ConfigError"),
     ("argparse", "ArgumentError"),  # LightningCLI's parser (jsonargparse) refusing a key or value
     ("builtins", "FileNotFoundError"),  # a missing checkpoint, config, dataset or input file

@@ -31,6 +31,13 @@ def subsample(size: int, limit: int | None = MAX_POINTS, seed: int = 0) -> np.nd
 
 
 def _parity_panel(axes, predicted: np.ndarray, reference: np.ndarray, mae: float, quantity: str, unit: str) -> None:
+    # NaN/inf points (a diverged model) cannot be placed, and would make the axis limits NaN: left out, counted
+    finite = np.isfinite(predicted) & np.isfinite(reference)
+    if not finite.all():
+        axes.text(
+            0.03, 0.97, f"{int((~finite).sum()):,} non-finite points not drawn", transform=axes.transAxes, va="top"
+        )
+        predicted, reference = predicted[finite], reference[finite]
     axes.scatter(
         reference,
         predicted,
@@ -80,7 +87,8 @@ def parity_figure(
         energy: two ``(num_structures,)`` arrays; forces: two arrays of equal shape, e.g. ``(num_free_atoms, 3)``.
 
     Returns:
-        The figure and the MAEs it shows, ``{"energy_mae": ..., ["force_mae": ...]}``.
+        The figure and the MAEs it shows, ``{"energy_mae": ..., ["force_mae": ...]}``; NaN when a
+        prediction is NaN. Non-finite points are not drawn; the panel says how many.
     """
     panels = [("energy", "eV", energy)] + ([("force", "eV/Å", forces)] if forces is not None else [])
     figure = Figure(figsize=(5.2 * len(panels), 5.2), layout="constrained")

@@ -42,12 +42,14 @@ from matsciml.slurm import job_identity, pin_run_to_job
 from matsciml.step_recorder import StepRecorder
 from matsciml.tasks.base import AtomisticTask
 from matsciml.tasks.best_checkpoint import BestCheckpoint
+from matsciml.tasks.divergence import DivergenceGuard, TrainingDiverged
 from matsciml.tasks.plots import PlotCallback
 from matsciml.tasks.predictions import PredictionWriter
 from matsciml.tasks.report import MetricsReport
 from matsciml.trust import check_checkpoint_classes
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+__all__ = ["MatSciMLCLI", "TrainingDiverged", "run"]  # run raises TrainingDiverged for a diverged fit
 
 
 def _species(data: AtomisticDataModule) -> list[int] | None:
@@ -80,6 +82,8 @@ class MatSciMLCLI(LightningCLI):
             apply_on="instantiate",
         )
         parser.add_lightning_class_args(MetricsReport, "metrics_report")
+        # on by default: a non-finite step stops the run before it is applied (divergence_guard: {...})
+        parser.add_lightning_class_args(DivergenceGuard, "divergence_guard")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.add_argument(
             "--require_clean",

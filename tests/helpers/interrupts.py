@@ -59,3 +59,21 @@ class KillAtStep(pl.Callback):
         if trainer.global_step == self.step and trainer.global_rank == self.rank and not self.marker.exists():
             self.marker.write_text(f"{self.step} {os.getpid()}")
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class NonFiniteAtStep(pl.Callback):
+    """Turns the positions of the training batches at the given steps into NaN: a step that diverges.
+
+    Args:
+        steps: the ``trainer.global_step`` values whose batch is poisoned (an int or a list).
+        value: what the positions become (``"nan"`` or ``"inf"``).
+        rank: poison only this global rank's batch (default: every rank's).
+    """
+
+    def __init__(self, steps: int | list[int], value: str = "nan", rank: int | None = None):
+        self.steps = {steps} if isinstance(steps, int) else set(steps)
+        self.value, self.rank = float(value), rank
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, *args) -> None:
+        if trainer.global_step in self.steps and self.rank in (None, trainer.global_rank):
+            batch["positions"].fill_(self.value)  # in place: the batch the training step gets
