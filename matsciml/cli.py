@@ -1,8 +1,8 @@
 """The ``matsciml`` command line.
 
-Data subcommands (``data info|check|convert``, ``devset build|md|synthetic``) are plain
-argparse; heavy modules are imported only by the subcommand that needs them, so
-``matsciml --help`` answers at once.
+Data subcommands (``data info|check|convert``; ``devset build|md|synthetic`` in
+:mod:`matsciml.cli_devset`) are plain argparse; heavy modules are imported only by the
+subcommand that needs them, so ``matsciml --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -11,21 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from matsciml.cli_args import non_negative_int, positive_int, step_config
+from matsciml.cli_devset import add_devset_commands
 from matsciml.cli_runs import add_runs_commands
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _dataset_path(args: argparse.Namespace) -> Path:
@@ -61,21 +49,12 @@ def _cmd_data_check(args: argparse.Namespace) -> None:
     )
 
 
-def _step_config(args: argparse.Namespace) -> dict:
-    """The parsed arguments as plain data, for a step record."""
-    return {
-        k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
-        for k, v in vars(args).items()
-        if k != "func"
-    }
-
-
 def _cmd_data_convert(args: argparse.Namespace) -> None:
     from matsciml.data.convert import convert
     from matsciml.data.fingerprint import dataset_digest
     from matsciml.provenance import dataset_record, recorded
 
-    record = dataset_record(args.destination, "data convert", args.command, _step_config(args))
+    record = dataset_record(args.destination, "data convert", args.command, step_config(args))
     for source in args.sources:
         record.add_input("source", source, kind="file" if source.is_file() else "directory")
     with recorded(record):
@@ -89,51 +68,6 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
             title=args.title,
             license=args.license,
             min_distance=args.min_distance,
-        )
-        record.add_output("dataset", args.destination, kind="dataset", digest=dataset_digest(args.destination))
-
-
-def _cmd_devset_build(args: argparse.Namespace) -> None:
-    from matsciml.data.devset_builder import build_devsets
-    from matsciml.data.fingerprint import dataset_digest
-    from matsciml.provenance import StepRecord, recorded
-
-    # the record of the whole build sits in the output folder, beside the task folders
-    with recorded(StepRecord(args.out, "devset build", command=args.command, config=_step_config(args))) as record:
-        build_devsets(args.out, seed=args.seed, overwrite=args.overwrite, workers=args.workers)
-        for dataset in sorted(args.out.glob("*/*/")):
-            record.add_output(
-                f"dataset:{dataset.parent.name}/{dataset.name}", dataset, kind="dataset", digest=dataset_digest(dataset)
-            )
-
-
-def _cmd_devset_md(args: argparse.Namespace) -> None:
-    from matsciml.data.fingerprint import dataset_digest
-    from matsciml.data.md_devset import build_md_devset
-    from matsciml.provenance import dataset_record, recorded
-
-    frames = {split: getattr(args, f"frames_{split}") for split in ("train", "val", "test")}
-    # beside the devset (devsets/md.step.json), as its three splits move into place together at the end
-    with recorded(dataset_record(args.out, "devset md", args.command, _step_config(args))) as record:
-        build_md_devset(args.out, args.seed, args.overwrite, frames, workers=args.workers)
-        for split in frames:
-            path = args.out / split
-            record.add_output(f"dataset:md/{split}", path, kind="dataset", digest=dataset_digest(path))
-
-
-def _cmd_devset_synthetic(args: argparse.Namespace) -> None:
-    from matsciml.data.fingerprint import dataset_digest
-    from matsciml.data.synthetic import write_synthetic
-    from matsciml.provenance import dataset_record, recorded
-
-    with recorded(dataset_record(args.destination, "devset synthetic", args.command, _step_config(args))) as record:
-        write_synthetic(
-            args.destination,
-            num_structures=args.num,
-            task=args.task,
-            seed=args.seed,
-            records_per_shard=args.records_per_shard,
-            overwrite=args.overwrite,
         )
         record.add_output("dataset", args.destination, kind="dataset", digest=dataset_digest(args.destination))
 
@@ -186,16 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_commands.add_parser("check", help="read every record, build graphs and batches, and report problems")
     _add_dataset_argument(check)
     check.add_argument("--task", choices=("s2ef", "is2re"), help="require this task's targets")
-    check.add_argument("--batch-size", type=_positive, default=8)
+    check.add_argument("--batch-size", type=positive_int, default=8)
     check.add_argument("--cutoff", type=float, default=6.0, help="radius graph cutoff in Å")
     check.add_argument(
         "--max-neighbors",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="keep only this many nearest neighbours per atom (default: every pair within the cutoff)",
     )
-    check.add_argument("--num-workers", type=_count, default=0)
-    check.add_argument("--limit", type=_positive, help="stop after this many structures")
+    check.add_argument("--num-workers", type=non_negative_int, default=0)
+    check.add_argument("--limit", type=positive_int, help="stop after this many structures")
     check.add_argument("--verify", action="store_true", help="also recompute the card's SHA-256 content hash")
     _add_min_distance_argument(check)
     check.set_defaults(func=_cmd_data_check)
@@ -208,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--task", required=True, choices=("s2ef", "is2re"))
     convert.add_argument(
         "--records-per-shard",
-        type=_count,
+        type=non_negative_int,
         default=None,
         help="shard size; 0 writes one data.lmdb (default: 10000 for s2ef, one file for is2re)",
     )
-    convert.add_argument("--workers", type=_count, default=1, help="parallel reader processes")
+    convert.add_argument("--workers", type=non_negative_int, default=1, help="parallel reader processes")
     convert.add_argument("--title", help="dataset title for the metadata card")
     convert.add_argument(
         "--license", default="unspecified", help="the data's license, for the metadata card (e.g. CC-BY-4.0 for OC20)"
@@ -221,32 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_min_distance_argument(convert)
     convert.set_defaults(func=_cmd_data_convert)
 
-    devset = commands.add_parser("devset", help="build the development datasets")
-    devset_commands = devset.add_subparsers(dest="devset_command", required=True, metavar="ACTION")
-    build = devset_commands.add_parser("build", help="regenerate the shipped S2EF and IS2RE devsets (ASE EMT)")
-    build.add_argument("--out", type=Path, default=Path("devsets"), help="output folder (default: devsets)")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--workers", type=_positive, help="parallel EMT processes (default: one per core, up to 4)")
-    build.add_argument("--overwrite", action="store_true")
-    build.set_defaults(func=_cmd_devset_build)
-
-    md = devset_commands.add_parser("md", help="regenerate the shipped MD devset: liquid CuPdAu frames (ASE EMT)")
-    md.add_argument("--out", type=Path, default=Path("devsets/md"), help="output folder (default: devsets/md)")
-    md.add_argument("--seed", type=int, default=0)
-    for split, count in (("train", 130), ("val", 30), ("test", 50)):
-        md.add_argument(f"--frames-{split}", type=_positive, default=count, help="frames (default: %(default)s)")
-    md.add_argument("--workers", type=_positive, help="parallel EMT processes (default: one per core, up to 4)")
-    md.add_argument("--overwrite", action="store_true")
-    md.set_defaults(func=_cmd_devset_md)
-
-    synthetic = devset_commands.add_parser("synthetic", help="write N random OC20-sized structures, fast")
-    synthetic.add_argument("destination", type=Path)
-    synthetic.add_argument("--num", type=_positive, default=10_000)
-    synthetic.add_argument("--task", default="s2ef", choices=("s2ef", "is2re"))
-    synthetic.add_argument("--seed", type=int, default=0)
-    synthetic.add_argument("--records-per-shard", type=_positive, default=5_000)
-    synthetic.add_argument("--overwrite", action="store_true")
-    synthetic.set_defaults(func=_cmd_devset_synthetic)
+    add_devset_commands(commands)
     add_runs_commands(commands)
     _add_hpo_command(commands)
     _add_export_command(commands)
@@ -264,7 +173,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         intended_use=args.intended_use,
         command=args.command,
-        config=_step_config(args),
+        config=step_config(args),
         which=args.which,
     )
     print(f"matsciml: wrote {out} (record: {out}.step.json)")
@@ -303,7 +212,7 @@ def _add_hpo_command(commands: argparse._SubParsersAction) -> None:
     hpo.add_argument("--space", type=Path, required=True, help="the search space (configs/hpo/is2re-egnn-space.yaml)")
     hpo.add_argument(
         "--trials",
-        type=_positive,
+        type=positive_int,
         required=True,
         help="run until the study holds this many trials (re-running resumes it)",
     )
@@ -317,7 +226,7 @@ def _cmd_predict_structures(args: argparse.Namespace) -> None:
     from matsciml.batch_prediction import load_any, predict_files
     from matsciml.provenance import dataset_record, recorded
 
-    record = dataset_record(args.out, "predict-structures", args.command, _step_config(args))
+    record = dataset_record(args.out, "predict-structures", args.command, step_config(args))
     record.add_input("model", args.model, kind="checkpoint" if args.model.is_file() else "directory")
     for path in args.inputs:
         record.add_input("structures", path)
@@ -350,12 +259,12 @@ def _add_predict_structures_command(commands: argparse._SubParsersAction) -> Non
     parser.add_argument("model", type=Path, help="a checkpoint (.ckpt) or an exported package (matsciml export)")
     parser.add_argument("inputs", nargs="+", type=Path, help="structure files, every frame of each")
     parser.add_argument("--out", type=Path, required=True, help="extxyz file to write (resumes a partial one)")
-    parser.add_argument("--batch-size", type=_positive, default=8)
-    parser.add_argument("--num-workers", type=_count, default=0, help="DataLoader processes building graphs")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader processes building graphs")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument(
         "--max-neighbors",
-        type=_count,
+        type=non_negative_int,
         default=None,
         help="neighbour cap (default: as recorded at training, none for models trained without "
         "one); 0: every neighbour within the cutoff",
