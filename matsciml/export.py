@@ -9,28 +9,31 @@ tensors, and every member read with a size cap (a zip is streamed, never read wh
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import io
 import json
 import os
-import pickle
 import shutil
 import sys
 import zipfile
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from ase.data import chemical_symbols
+from torch.nn.modules.module import register_module_parameter_registration_hook
+from torch.nn.parameter import UninitializedParameter
 
 from matsciml import provenance
 from matsciml.atomic import replace_path
 from matsciml.checkpoints import Which, checkpoint_path
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.base import AtomisticTask
-from matsciml.trust import resolve_class
+from matsciml.trust import UntrustedClassError, resolve_class
 
 FORMAT, FORMAT_VERSION = "matsciml-model", 1
 MODEL_FILE, CARD_FILE = "model.json", "card.json"
@@ -60,8 +63,48 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def _weights_only_load(source: Any, what: str) -> Any:
     try:  # tensors and plain containers only: any other pickled object is refused unread
         return torch.load(source, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+    except Exception as err:  # a damaged file makes torch's reader raise almost any type (IndexError, struct.error...)
         raise ExportError(f"{what}: {_reason(err)}") from err
+
+
+def _tensor_dict(state: Any, where: str) -> dict[str, torch.Tensor]:
+    """``state`` if it is a ``{name: tensor}`` state dict, else an error naming ``where``."""
+    if not (
+        isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise ExportError(f"{where} does not hold a {{name: tensor}} state dict")
+    return state
+
+
+@contextlib.contextmanager
+def _parameter_budget(state: dict[str, torch.Tensor], where: str) -> Iterator[None]:
+    """Refuse, while a task is built, parameters beyond what its weights could fill.
+
+    A ``model.json`` (or checkpoint spec) may ask for a model far larger than its weights: the
+    parameters are counted as each is registered, before its initialisation writes it, and the build
+    stops past twice the weights' tensors or elements (a module may replace a parameter it made).
+    Torch's global registration hook sees every model, e3nn's included (which cannot be built on
+    the meta device).
+    """
+    count_cap, numel_cap = 2 * len(state) + 64, 2 * sum(v.numel() for v in state.values()) + (1 << 20)
+    count = numel = 0
+
+    def hook(module: torch.nn.Module, name: str, param: Any) -> None:
+        nonlocal count, numel
+        if param is None or isinstance(param, UninitializedParameter):
+            return
+        count, numel = count + 1, numel + param.numel()
+        if count > count_cap or numel > numel_cap:
+            raise ExportError(
+                f"{where}: the model it describes has more parameters than its weights hold "
+                f"({len(state)} tensors, {numel_cap // 2 - (1 << 19)} numbers); refused before building it"
+            )
+
+    handle = register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _reason(err: Exception) -> str:
@@ -110,26 +153,45 @@ def task_class_from_path(class_path: str, trusted_modules: Iterable[str] | None 
     return resolve_class(class_path, AtomisticTask, trusted_modules, what="task class")
 
 
-def build_task(description: dict[str, Any], trusted_modules: Iterable[str] | None = None) -> AtomisticTask:
+def build_task(
+    description: dict[str, Any],
+    trusted_modules: Iterable[str] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    where: str = MODEL_FILE,
+) -> AtomisticTask:
     """A task with fresh weights from a ``model.json`` description.
 
     Args:
         description: the parsed ``model.json`` (or :func:`model_description` of a checkpoint).
         trusted_modules: modules besides ``matsciml`` the task and model classes may come from.
+        weights: the state dict that will be loaded into it: the build is refused as soon as the
+            model grows past what these could fill (see :func:`_parameter_budget`).
+        where: the file the description came from, for errors.
+
+    Raises:
+        ExportError: the description is malformed, or its arguments do not build a task.
+        UntrustedClassError: a task or model class outside ``matsciml`` and ``trusted_modules``.
     """
     if not isinstance(description, dict) or (description.get("format"), description.get("format_version")) != (
         FORMAT,
         FORMAT_VERSION,
     ):
-        raise ExportError(f"{MODEL_FILE} is not a {FORMAT} description of format_version {FORMAT_VERSION}")
-    task = description.get("task") or {}
+        raise ExportError(f"{where} is not a {FORMAT} description of format_version {FORMAT_VERSION}")
+    task = description.get("task")
+    if not (isinstance(task, dict) and isinstance(task.get("init_args", {}), dict)):
+        raise ExportError(f"{where}: 'task' must be {{'class_path': str, 'init_args': dict}}")
     task_class = task_class_from_path(task.get("class_path", ""), trusted_modules)
+    budget = _parameter_budget(weights, where) if weights is not None else contextlib.nullcontext()
     try:
-        return task_class(
-            model=AbstractEnergyModel.from_spec(description.get("model"), trusted_modules), **task.get("init_args", {})
-        )
-    except TypeError as err:  # an argument this task does not take
-        raise ExportError(f"{MODEL_FILE}: {task_class.__name__} cannot be built: {err}") from err
+        with budget:
+            model = AbstractEnergyModel.from_spec(description.get("model"), trusted_modules)
+            return task_class(model=model, **task.get("init_args", {}))
+    except (ExportError, UntrustedClassError):
+        raise
+    # the constructors' own checks (ValueError), arguments a class does not take (TypeError), sizes
+    # torch cannot allocate (RuntimeError, MemoryError) or represent (OverflowError)
+    except (TypeError, ValueError, RuntimeError, MemoryError, OverflowError) as err:
+        raise ExportError(f"{where}: {task_class.__name__} cannot be built: {_reason(err)}") from None
 
 
 def task_from_checkpoint(
@@ -140,13 +202,18 @@ def task_from_checkpoint(
     ``path`` may be a run folder, with ``which`` ``"best"`` or ``"last"``
     (:func:`matsciml.checkpoints.checkpoint_path`)."""
     path = checkpoint_path(path, which)
-    checkpoint = read_checkpoint(path)
-    return _with_weights(build_task(model_description(checkpoint, trusted_modules), trusted_modules), checkpoint, path)
+    return _checkpoint_task(read_checkpoint(path), path, trusted_modules)
 
 
-def _with_weights(task: AtomisticTask, checkpoint: dict[str, Any], path: str | os.PathLike) -> AtomisticTask:
+def _checkpoint_task(
+    checkpoint: dict[str, Any], path: str | os.PathLike, trusted_modules: Iterable[str] | None
+) -> AtomisticTask:
+    """The checkpoint's task with its weights (the build bounded by them, :func:`build_task`)."""
+    state = _tensor_dict(checkpoint["state_dict"], f"{path}: state_dict")
+    description = model_description(checkpoint, trusted_modules)
+    task = build_task(description, trusted_modules, weights=state, where=f"{path}: hyper_parameters")
     try:
-        task.load_state_dict(checkpoint["state_dict"], strict=True)
+        task.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ExportError(f"{path}: its weights do not fit its model spec: {_reason(err)}") from err
     return task
@@ -163,7 +230,7 @@ def _weights_bytes(state: dict[str, torch.Tensor]) -> tuple[str, bytes]:
     return TORCH_FILE, buffer.getvalue()
 
 
-def _load_weights(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+def _load_weights(files: dict[str, bytes], where: Path) -> dict[str, torch.Tensor]:
     name = SAFETENSORS_FILE if SAFETENSORS_FILE in files else TORCH_FILE
     data = files[name]
     if name == SAFETENSORS_FILE:
@@ -171,13 +238,12 @@ def _load_weights(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
             raise ExportError(f"the package's weights are {SAFETENSORS_FILE}; install safetensors to read them")
         from safetensors.torch import load
 
-        return load(data)
-    state = _weights_only_load(io.BytesIO(data), f"{name} is not a weights-only tensor file")
-    if not (
-        isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
-    ):
-        raise ExportError(f"{name} does not hold a {{name: tensor}} state dict")
-    return state
+        try:
+            return load(data)
+        except Exception as err:  # safetensors raises its own SafetensorError (and others) on a damaged file
+            raise ExportError(f"{where}/{name} is not a readable safetensors file: {_reason(err)}") from None
+    state = _weights_only_load(io.BytesIO(data), f"{where}/{name} is not a weights-only tensor file")
+    return _tensor_dict(state, f"{where}/{name}")
 
 
 def _read_capped(stream: IO[bytes], name: str, where: Path) -> bytes:
@@ -203,19 +269,31 @@ def _read_package(path: Path) -> dict[str, bytes]:
                 with open(path / n, "rb") as stream:
                     files[n] = _read_capped(stream, n, path)
     elif zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            members = {info.filename: info for info in archive.infolist()}
-            files = {}
-            for n in (n for n in names if n in members):
-                if members[n].file_size > MAX_BYTES[n]:  # the declared size; the stream enforces the real one
-                    raise ExportError(f"{path}: {n} holds {members[n].file_size} bytes, more than {MAX_BYTES[n]}")
-                with archive.open(members[n]) as stream:
-                    files[n] = _read_capped(stream, n, path)
+        try:
+            files = _read_zip(path, names)
+        except ExportError:
+            raise
+        # what zipfile raises on a damaged archive: bad headers or CRCs, undecodable names or
+        # deflate streams, offsets it cannot seek to, compression methods it lacks
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as err:
+            raise ExportError(f"{path} is a damaged zip: {_reason(err)}") from None
     else:
         raise ExportError(f"{path} is neither a model package folder nor a zip")
     for needed in ((MODEL_FILE,), (SAFETENSORS_FILE, TORCH_FILE)):
         if not any(n in files for n in needed):
             raise ExportError(f"model package {path} lacks {' or '.join(needed)}")
+    return files
+
+
+def _read_zip(path: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename: info for info in archive.infolist()}
+        files = {}
+        for n in (n for n in names if n in members):
+            if members[n].file_size > MAX_BYTES[n]:  # the declared size; the stream enforces the real one
+                raise ExportError(f"{path}: {n} holds {members[n].file_size} bytes, more than {MAX_BYTES[n]}")
+            with archive.open(members[n]) as stream:
+                files[n] = _read_capped(stream, n, path)
     return files
 
 
@@ -241,9 +319,10 @@ def load_model(
         description = json.loads(files[MODEL_FILE])
     except ValueError as err:
         raise ExportError(f"{path}/{MODEL_FILE} is not JSON: {err}") from err
-    task = build_task(description, trusted_modules)
+    state = _load_weights(files, path)
+    task = build_task(description, trusted_modules, weights=state, where=f"{path}/{MODEL_FILE}")
     try:
-        task.load_state_dict(_load_weights(files), strict=True)
+        task.load_state_dict(state, strict=True)
     except RuntimeError as err:  # missing or unexpected keys, wrong shapes
         raise ExportError(f"{path}: the weights do not fit the model in {MODEL_FILE}: {_reason(err)}") from err
     return task.to(device).eval()
@@ -342,7 +421,7 @@ def package_files(
     """The package's files as bytes; the task is rebuilt from them first, so what is written loads."""
     checkpoint = read_checkpoint(checkpoint_path)
     description = model_description(checkpoint, trusted_modules)
-    task = _with_weights(build_task(description, trusted_modules), checkpoint, checkpoint_path)
+    task = _checkpoint_task(checkpoint, checkpoint_path, trusted_modules)
     weights_name, weights = _weights_bytes(task.state_dict())
     card = model_card(task, checkpoint, checkpoint_path, intended_use)
     return {
