@@ -19,17 +19,16 @@ import shutil
 import sys
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from ase.data import chemical_symbols
-from torch.nn.modules.module import register_module_parameter_registration_hook
-from torch.nn.parameter import UninitializedParameter
 
 from matsciml import provenance
 from matsciml.atomic import replace_path
+from matsciml.build_budget import BudgetExceeded, weights_budget
 from matsciml.checkpoints import Which, checkpoint_path
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.base import AtomisticTask
@@ -74,37 +73,6 @@ def _tensor_dict(state: Any, where: str) -> dict[str, torch.Tensor]:
     ):
         raise ExportError(f"{where} does not hold a {{name: tensor}} state dict")
     return state
-
-
-@contextlib.contextmanager
-def _parameter_budget(state: dict[str, torch.Tensor], where: str) -> Iterator[None]:
-    """Refuse, while a task is built, parameters beyond what its weights could fill.
-
-    A ``model.json`` (or checkpoint spec) may ask for a model far larger than its weights: the
-    parameters are counted as each is registered, before its initialisation writes it, and the build
-    stops past twice the weights' tensors or elements (a module may replace a parameter it made).
-    Torch's global registration hook sees every model, e3nn's included (which cannot be built on
-    the meta device).
-    """
-    count_cap, numel_cap = 2 * len(state) + 64, 2 * sum(v.numel() for v in state.values()) + (1 << 20)
-    count = numel = 0
-
-    def hook(module: torch.nn.Module, name: str, param: Any) -> None:
-        nonlocal count, numel
-        if param is None or isinstance(param, UninitializedParameter):
-            return
-        count, numel = count + 1, numel + param.numel()
-        if count > count_cap or numel > numel_cap:
-            raise ExportError(
-                f"{where}: the model it describes has more parameters than its weights hold "
-                f"({len(state)} tensors, {numel_cap // 2 - (1 << 19)} numbers); refused before building it"
-            )
-
-    handle = register_module_parameter_registration_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _reason(err: Exception) -> str:
@@ -165,7 +133,7 @@ def build_task(
         description: the parsed ``model.json`` (or :func:`model_description` of a checkpoint).
         trusted_modules: modules besides ``matsciml`` the task and model classes may come from.
         weights: the state dict that will be loaded into it: the build is refused as soon as the
-            model grows past what these could fill (see :func:`_parameter_budget`).
+            model grows past what these could fill (:func:`matsciml.build_budget.weights_budget`).
         where: the file the description came from, for errors.
 
     Raises:
@@ -181,13 +149,17 @@ def build_task(
     if not (isinstance(task, dict) and isinstance(task.get("init_args", {}), dict)):
         raise ExportError(f"{where}: 'task' must be {{'class_path': str, 'init_args': dict}}")
     task_class = task_class_from_path(task.get("class_path", ""), trusted_modules)
-    budget = _parameter_budget(weights, where) if weights is not None else contextlib.nullcontext()
+    budget = weights_budget(weights) if weights is not None else contextlib.nullcontext()
     try:
         with budget:
             model = AbstractEnergyModel.from_spec(description.get("model"), trusted_modules)
             return task_class(model=model, **task.get("init_args", {}))
     except (ExportError, UntrustedClassError):
         raise
+    except BudgetExceeded as err:
+        raise ExportError(
+            f"{where}: the model it describes is larger than its weights: {err}; refused unbuilt"
+        ) from None
     # the constructors' own checks (ValueError), arguments a class does not take (TypeError), sizes
     # torch cannot allocate (RuntimeError, MemoryError) or represent (OverflowError)
     except (TypeError, ValueError, RuntimeError, MemoryError, OverflowError) as err:
@@ -268,17 +240,25 @@ def _read_package(path: Path) -> dict[str, bytes]:
             if (path / n).is_file():
                 with open(path / n, "rb") as stream:
                     files[n] = _read_capped(stream, n, path)
-    elif zipfile.is_zipfile(path):
+    else:
         try:
+            if not zipfile.is_zipfile(path):  # which raises BadZipFile itself for some damaged archives
+                raise ExportError(f"{path} is neither a model package folder nor a zip")
             files = _read_zip(path, names)
         except ExportError:
             raise
         # what zipfile raises on a damaged archive: bad headers or CRCs, undecodable names or
-        # deflate streams, offsets it cannot seek to, compression methods it lacks
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as err:
+        # deflate streams, offsets it cannot seek to, compression methods it lacks, encryption
+        except (
+            zipfile.BadZipFile,
+            zlib.error,
+            EOFError,
+            OSError,
+            ValueError,
+            NotImplementedError,
+            RuntimeError,
+        ) as err:
             raise ExportError(f"{path} is a damaged zip: {_reason(err)}") from None
-    else:
-        raise ExportError(f"{path} is neither a model package folder nor a zip")
     for needed in ((MODEL_FILE,), (SAFETENSORS_FILE, TORCH_FILE)):
         if not any(n in files for n in needed):
             raise ExportError(f"model package {path} lacks {' or '.join(needed)}")

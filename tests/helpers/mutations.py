@@ -95,3 +95,9 @@ def random_mutations(rng: random.Random, max_ops: int = 6) -> list[Mutation]:
         )
         for _ in range(rng.randint(1, max_ops))
     ]
+
+
+def fuzz_inputs(seeds: Sequence[bytes], max_raw: int = 512) -> st.SearchStrategy[bytes]:
+    """Hypothesis strategy: a mutated seed (mostly) or arbitrary bytes."""
+    mutated = st.tuples(st.sampled_from(list(seeds)), mutations()).map(lambda pair: apply(*pair))
+    return st.one_of(mutated, st.binary(max_size=max_raw))

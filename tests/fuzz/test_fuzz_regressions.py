@@ -1,0 +1,26 @@
+"""Every input a fuzz run found (saved by experiments/fuzz.py), replayed: each now loads or is refused.
+
+``regressions/<target>/<name>.bin`` is fed to that target as found; on the code before its fix each
+raised another exception, hung, or allocated gigabytes (the message in the commit that added it).
+"""
+
+from pathlib import Path
+
+import pytest
+from helpers.fuzz import TARGETS, run
+
+#: Found and not fixed yet, with why: the check stays, expected to fail until the fix lands.
+OPEN = {
+    "package-json/d06f410b16142cf9": "output_depth=99999999999: EGNN builds a Python list of that many sizes "
+    "(MemoryError, wrapped as ExportError); no torch hook sees it, the model's argument checks must",
+}
+FOUND = [
+    pytest.param(p, id=name, marks=[pytest.mark.xfail(strict=True, reason=OPEN[name])] if name in OPEN else [])
+    for p in sorted((Path(__file__).parent / "regressions").glob("*/*.bin"))
+    for name in [f"{p.parent.name}/{p.stem}"]
+]
+
+
+@pytest.mark.parametrize("path", FOUND)
+def test_found_input_is_refused_with_a_project_error(path, workdir):
+    assert run(TARGETS[path.parent.name], path.read_bytes(), workdir) is not None
