@@ -191,9 +191,10 @@ def _model_files() -> dict[str, bytes]:
         "state_dict": task.state_dict(),
         "hyper_parameters": {**task.hparams, "_class_path": "matsciml.tasks.S2EFTask"},
     }
-    path = Path(tempfile.mkdtemp(prefix="fuzz-seed-")) / "model.ckpt"
-    torch.save(checkpoint, path)
-    return {"model.ckpt": path.read_bytes(), **package_files(path)}
+    with tempfile.TemporaryDirectory(prefix="fuzz-seed-") as folder:
+        path = Path(folder) / "model.ckpt"
+        torch.save(checkpoint, path)
+        return {"model.ckpt": path.read_bytes(), **package_files(path)}
 
 
 def _zip(files: dict[str, bytes], compression: int) -> bytes:
