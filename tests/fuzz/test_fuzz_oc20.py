@@ -34,7 +34,7 @@ def test_declared_sizes_past_the_pickle_are_refused_before_unpickling(value, rea
 
 
 def test_a_negative_string_length_ends_the_size_check():
-    from matsciml.data.formats.safe_pickle import check_sizes
+    from matsciml.data.formats.pickle_sizes import check_sizes
 
     # BINSTRING with length -8: a walk that added it would step backwards forever
     value = b"\x80\x02T" + (-8).to_bytes(4, "little", signed=True) + b"abcd."
@@ -44,7 +44,7 @@ def test_a_negative_string_length_ends_the_size_check():
 
 
 def test_valid_records_pass_the_size_check_whole():
-    from matsciml.data.formats.safe_pickle import check_sizes
+    from matsciml.data.formats.pickle_sizes import check_sizes
 
     for seed in TARGET.seeds():
         assert check_sizes(seed) == len(seed)
