@@ -30,7 +30,7 @@ ERRORS_ENV = "MATSCIML_ERROR_FILE"
 #: (module, class name) of every error caused by input, on every subcommand.
 INPUT_ERRORS: tuple[tuple[str, str], ...] = (
     ("matsciml.data.errors", "DataError"),  # a dataset file or record (names both)
-    ("matsciml.export", "ExportError"),  # a package refused or corrupt
+    ("matsciml.model_loading", "ExportError"),  # a checkpoint or package refused or corrupt
     ("matsciml.trust", "UntrustedClassError"),  # a checkpoint / package naming untrusted or pickled code
     ("matsciml.accelerators", "AcceleratorUnavailable"),
     ("matsciml.provenance", "DirtyCheckoutError"),

@@ -205,15 +205,44 @@ def _extxyz_offsets(path: Path) -> list[int]:
             if not line.strip().isdigit():
                 raise DataError(path, f"expected an atom count line, got {line[:40]!r}", len(starts))
             natoms = int(line)
-            lines = [f.readline() for _ in range(natoms + 1)]
-            if not lines[-1]:
-                raise DataError(path, f"file ends inside a frame of {natoms} atoms", len(starts))
+            head = []  # the comment line and the first atom's
+            for _ in range(natoms + 1):  # the comment line, then one per atom: never more lines than the file has
+                text = f.readline()
+                if not text:
+                    raise DataError(path, f"file ends inside a frame of {natoms} atoms", len(starts))
+                if len(head) < 2:
+                    head.append(text)
+            if natoms:
+                _check_columns(path, len(starts), *head)
             while True:  # optional VEC1..VEC3 cell lines
                 mark = f.tell()
                 if not f.readline().lstrip().startswith(b"VEC"):
                     f.seek(mark)
                     break
             starts.append(position)
+
+
+def _check_columns(path: Path, frame: int, comment: bytes, first_atom: bytes) -> None:
+    """Refuse a ``Properties`` header declaring more columns than the atom lines hold.
+
+    ASE builds a dtype of every declared column before it reads a value: ``forces:R:99999999`` in a
+    comment line would cost gigabytes and minutes. The comment is parsed with ASE's own parser, so
+    this sees exactly what ASE would; anything it cannot parse is left for ASE to report.
+    """
+    if b"Properties" not in comment:
+        return
+    from ase.io.extxyz import key_val_str_to_dict
+
+    try:
+        spec = key_val_str_to_dict(comment.decode().strip()).get("Properties")
+        declared = sum(int(count) for count in spec.split(":")[2::3])
+    except Exception:  # malformed: ASE's reader raises its own error for it
+        return
+    present = len(first_atom.split())
+    if declared > present:
+        raise DataError(
+            path, f"Properties declares {declared} columns per atom, the first atom line holds {present}", frame
+        )
 
 
 def _folder_targets(folder: Path) -> dict[str, float]:

@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from matsciml.data.formats.pickle_sizes import check_sizes
+
 __all__ = [
     "CorruptPickleError",
     "ForbiddenGlobalError",
@@ -223,6 +225,9 @@ def _read_legacy_storage(data: bytes) -> _Storage | None:
     """
     stream = io.BytesIO(data)
     try:
+        end = 0
+        for _ in range(5):  # five small pickles, each checked before it is read
+            end = check_sizes(data, end)
         header = [_LegacyStreamUnpickler(stream).load() for _ in range(5)]
     except Exception:  # not this layout (zip stream, other writer): let torch.load decide
         return None
@@ -371,6 +376,7 @@ def safe_loads(data: bytes) -> Any:
         CorruptPickleError: the bytes are truncated or otherwise not a valid pickle.
     """
     try:
+        check_sizes(data)
         return SafeUnpickler(io.BytesIO(data)).load()
     except (ForbiddenGlobalError, CorruptPickleError):
         raise

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -61,6 +62,8 @@ _PREFIX = struct.Struct("<4sHI")
 # (``data check --verify``), which covers the dataset as a whole.
 _CRC = struct.Struct("<I")
 _ALLOWED_KINDS = "biuf"  # bool, signed, unsigned, float: nothing that can hold an object
+_DTYPE = re.compile(r"[<>|][biuf](1|2|4|8|16)")  # dtype.str of those kinds, as encode writes it
+_MAX_NDIM = 8  # matsciml's fields have at most 2 dimensions
 
 
 def encode(arrays: dict[str, np.ndarray]) -> bytes:
@@ -115,18 +118,16 @@ def decode(
         )
     buffer = bytearray(memoryview(value)[:end])  # one copy: writable arrays that outlive the transaction
     try:
-        header = json.loads(bytes(buffer[_PREFIX.size : _PREFIX.size + head_len]))
+        fields = _header(bytes(buffer[_PREFIX.size : _PREFIX.size + head_len]))
         offset = _PREFIX.size + head_len
         out = {}
-        for name, dtype_str, shape in header:
-            dtype = _dtype(dtype_str)
-            count = math.prod(shape)
+        for name, dtype, shape, count in fields:
             nbytes = count * dtype.itemsize
             if offset + nbytes > len(buffer):
                 raise ValueError(f"field {name!r} runs past the end of the value (truncated record)")
-            out[name] = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
+            out[name] = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
             offset += nbytes + (-nbytes % 8)
-    except (ValueError, TypeError, json.JSONDecodeError) as err:
+    except (ValueError, TypeError, RecursionError) as err:  # RecursionError: JSON nested too deep
         raise DataError(source, f"corrupt matsciml record: {err}", index) from None
     return out
 
@@ -143,12 +144,32 @@ def _verify_checksum(value: bytes, end: int, source: str | os.PathLike, index: i
         )
 
 
-@functools.cache
-def _dtype(text: str) -> np.dtype:
-    dtype = np.dtype(text)
-    if dtype.kind not in _ALLOWED_KINDS:
-        raise ValueError(f"forbidden dtype {text!r}")
-    return dtype
+@functools.lru_cache(maxsize=1024)  # records of one dataset share a few headers (one per atom count)
+def _header(text: bytes) -> tuple[tuple[str, np.dtype, tuple[int, ...], int], ...]:
+    """The checked ``(name, dtype, shape, count)`` of each field in a JSON header."""
+    header = json.loads(text)
+    if not isinstance(header, list):
+        raise ValueError(f"header is a {type(header).__name__}, not a list of fields")
+    return tuple(_field(entry) for entry in header)
+
+
+def _field(entry: object) -> tuple[str, np.dtype, tuple[int, ...], int]:
+    """One header entry ``[name, dtype, shape]`` checked exactly as :func:`encode` writes it.
+
+    Names are matsciml's stored fields, dtypes ``dtype.str`` of a bool / integer / float (matched as
+    text, so numpy never parses anything else), shapes non-negative integers: a damaged header is
+    refused here, not passed on as a negative or unknown shape.
+    """
+    if not (isinstance(entry, list) and len(entry) == 3):
+        raise ValueError(f"header entry {str(entry)[:80]} is not [name, dtype, shape]")
+    name, dtype_str, shape = entry
+    if name not in K.STORED:
+        raise ValueError(f"unknown field {str(name)[:80]!r}")
+    if not (isinstance(dtype_str, str) and _DTYPE.fullmatch(dtype_str)):
+        raise ValueError(f"field {name!r} has dtype {str(dtype_str)[:80]!r}, not a bool, integer or float")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(type(n) is int and n >= 0 for n in shape)):
+        raise ValueError(f"field {name!r} has shape {str(shape)[:80]}, not a list of non-negative integers")
+    return name, np.dtype(dtype_str), tuple(shape), math.prod(shape)
 
 
 def read_metadata(env, source: str | os.PathLike) -> dict | None:
