@@ -96,6 +96,8 @@ class EGNN(AbstractEnergyModel):
             raise ValueError("num_layers, projection_depth and output_depth must be at least 1")
         if num_radial < 0:
             raise ValueError(f"num_radial must be >= 0, got {num_radial}")
+        if len(edge_sizes) < 1:  # its last size is the message width
+            raise ValueError("edge_sizes must hold at least one size, got none")
         self.register_buffer("radial_centres", torch.linspace(0.0, cutoff, num_radial))
         # width: neighbouring Gaussians cross at about half height
         self.radial_width = cutoff / max(num_radial - 1, 1)
