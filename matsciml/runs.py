@@ -28,6 +28,7 @@ from typing import Any
 
 import pandas as pd
 
+from matsciml.partials import pid_alive
 from matsciml.provenance import RECORD_NAME, RESUMED, RUNNING, load_record
 
 #: columns every row has, in display order (metrics follow)
@@ -55,20 +56,6 @@ DIED_AFTER_S = 600.0
 DIED = "DIED"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: dead all the same
-        with open(f"/proc/{pid}/stat", encoding="ascii") as file:
-            return file.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def status(record: dict[str, Any], now: dt.datetime | None = None) -> str:
     """The record's status, ``DIED`` for a RUNNING/RESUMED one whose process is gone.
 
@@ -79,7 +66,7 @@ def status(record: dict[str, Any], now: dt.datetime | None = None) -> str:
     if record["status"] not in (RUNNING, RESUMED) or not beat:
         return record["status"]
     age = ((now or dt.datetime.now(dt.UTC)) - dt.datetime.fromisoformat(beat["at"])).total_seconds()
-    if age > DIED_AFTER_S or (beat["hostname"] == socket.gethostname() and not _pid_alive(int(beat["pid"]))):
+    if age > DIED_AFTER_S or (beat["hostname"] == socket.gethostname() and not pid_alive(int(beat["pid"]))):
         return DIED
     return record["status"]
 
