@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,31 +79,34 @@ def time_raw(path: Path, limit: int | None) -> tuple[float, int]:
     calculator = neighbor_calculator(CUTOFF)  # the pipeline's own vesin settings
     count = 0
     start = time.perf_counter()
+    for value in _stored_values(path, limit):
+        record = store.decode(value)
+        positions = record["positions"].astype(np.float64)
+        calculator.compute(positions, record["cell"].astype(np.float64), record["pbc"], quantities="ijS")
+        count += 1
+    return count / (time.perf_counter() - start), count
+
+
+def _stored_values(path: Path, limit: int | None = None) -> Iterator[bytes]:
+    """Every stored record value of a matsciml dataset, shard by shard (the first ``limit``)."""
+    count = 0
     for shard in lmdb_shards.shard_paths(path):
         env = lmdb_shards.reader(shard)
-        n = store.read_metadata(env, shard)["shard"]["count"]
         with env.begin() as txn:
-            for key in range(n):
+            for key in range(store.read_metadata(env, shard)["shard"]["count"]):
                 if limit is not None and count >= limit:
-                    break
-                record = store.decode(txn.get(lmdb_shards.record_key(key)))
-                positions = record["positions"].astype(np.float64)
-                calculator.compute(positions, record["cell"].astype(np.float64), record["pbc"], quantities="ijS")
+                    return
+                yield txn.get(lmdb_shards.record_key(key))
                 count += 1
-    return count / (time.perf_counter() - start), count
 
 
 def time_decode(path: Path, verify: bool) -> tuple[float, int]:
     """LMDB reads and decoding alone: the floor the CRC-32 check of every read adds to."""
     count = 0
     start = time.perf_counter()
-    for shard in lmdb_shards.shard_paths(path):
-        env = lmdb_shards.reader(shard)
-        n = store.read_metadata(env, shard)["shard"]["count"]
-        with env.begin() as txn:
-            for key in range(n):
-                store.decode(txn.get(lmdb_shards.record_key(key)), verify=verify)
-                count += 1
+    for value in _stored_values(path):
+        store.decode(value, verify=verify)
+        count += 1
     return count / (time.perf_counter() - start), count
 
 
