@@ -6,13 +6,14 @@ backend and needs ``pip install 'matsciml[aselmdb]'``), pymatgen structure files
 ``POSCAR*``, ``CONTCAR*``, ``*.vasp``, ``vasprun*.xml``, ...), and folders: every file beneath
 one, in sorted path order (hidden files and database lock files skipped).
 
-Fields (see :func:`atoms_to_record`): geometry, ``tags`` (``atoms.get_tags()``) and ``fixed``
-(``FixAtoms``, or ``FixCartesian`` on all three directions); labels from the calculator's stored
-results (never a new calculation), else from ``info`` / ``arrays`` under the names in
-:data:`LABEL_NAMES` (``energy``, then MACE-style ``REF_energy``, ...). Stress may be Voigt 6 or
-3x3, eV/Å^3. ``sid`` / ``fid`` come from integer ``info["sid"]`` / ``info["fid"]``, else ``fid``
-is the frame's position in its file and the converter numbers ``sid``. Database rows'
-``key_value_pairs`` and ``data`` are read like ``info``.
+Fields (:func:`~matsciml.data.formats.ase_records.atoms_to_record`): geometry, ``tags``
+(``atoms.get_tags()``) and ``fixed`` (``FixAtoms``, or ``FixCartesian`` on all three
+directions); labels from the calculator's stored results (never a new calculation), else from
+``info`` / ``arrays`` under the names in ``ase_records.LABEL_NAMES`` (``energy``, then
+MACE-style ``REF_energy``, ...). Stress may be Voigt 6 or 3x3, eV/Å^3. ``sid`` / ``fid`` come
+from integer ``info["sid"]`` / ``info["fid"]``, else ``fid`` is the frame's position in its file
+and the converter numbers ``sid``. Database rows' ``key_value_pairs`` and ``data`` are read like
+``info``.
 
 IS2RE targets, one rule per input kind:
 
@@ -42,13 +43,11 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import PropertyNotImplementedError
-from ase.constraints import FixAtoms, FixCartesian
-from ase.stress import voigt_6_to_full_3x3_stress
 
 from matsciml.data import keys as K
 from matsciml.data.errors import DataError
-from matsciml.data.records import Record, validate_record
+from matsciml.data.formats.ase_records import atoms_to_record, label_sources, stored_label
+from matsciml.data.records import Record
 
 #: File suffix -> reader, for ASE formats.
 ASE_SUFFIXES = {".xyz": "extxyz", ".extxyz": "extxyz", ".traj": "traj", ".db": "db", ".json": "db", ".aselmdb": "db"}
@@ -68,16 +67,6 @@ PYMATGEN_PATTERNS = (
 #: Frames (or rows) per work unit: large enough to amortise opening a file, small enough to balance.
 FRAMES_PER_UNIT = 256
 TARGETS_FILE = "id_prop.csv"
-
-#: Label field -> ``info`` / ``arrays`` names tried, in order, after the calculator's results.
-LABEL_NAMES = {
-    K.ENERGY: ("energy", "REF_energy"),
-    K.FORCES: ("forces", "REF_forces"),
-    K.STRESS: ("stress", "REF_stress"),
-    K.RELAXED_ENERGY: ("relaxed_energy", "y_relaxed"),
-    K.RELAXED_POSITIONS: ("relaxed_positions", "pos_relaxed"),
-    K.INITIAL_ENERGY: ("initial_energy", "y_init"),
-}
 
 
 @dataclass(frozen=True)
@@ -339,100 +328,10 @@ def _relaxation_record(unit: WorkUnit, task: str | None) -> Record:
         first, last, end = traj[0], traj[len(traj) - 1], len(traj) - 1
     if not np.array_equal(first.numbers, last.numbers):
         raise DataError(unit.path, "first and last frames hold different atoms; not one relaxation", end)
-    if (relaxed_energy := _result(last, K.ENERGY)) is None:
-        raise DataError(unit.path, f"last frame has no energy (looked for {_where(K.ENERGY)})", end)
+    if (relaxed_energy := stored_label(last, K.ENERGY)) is None:
+        raise DataError(unit.path, f"last frame has no energy (looked for {label_sources(K.ENERGY)})", end)
     first.info[K.RELAXED_ENERGY] = relaxed_energy
     first.new_array(K.RELAXED_POSITIONS, last.positions)
-    if (initial_energy := _result(first, K.ENERGY)) is not None:
+    if (initial_energy := stored_label(first, K.ENERGY)) is not None:
         first.info[K.INITIAL_ENERGY] = initial_energy
     return atoms_to_record(first, task, None, 0, unit.path, 0)
-
-
-def atoms_to_record(
-    atoms: Atoms,
-    task: str | None,
-    sid: int | None = None,
-    fid: int | None = None,
-    source: str | PathLike = "<atoms>",
-    index: int | str = 0,
-) -> Record:
-    """Map one :class:`ase.Atoms` to a validated record (see the module docstring for the rules).
-
-    Args:
-        atoms: the structure, with labels in a calculator, ``info`` or ``arrays``.
-        task: ``"s2ef"`` or ``"is2re"`` to require that task's targets; ``None`` for geometry only.
-        sid: system id used when ``atoms.info["sid"]`` is not an integer (``None``: leave out).
-        fid: frame id used when ``atoms.info["fid"]`` is not an integer (``None``: leave out).
-        source: file the atoms came from (for error messages).
-        index: frame or row of that file (for error messages).
-
-    Raises:
-        DataError: a target of ``task`` is missing, or the record fails validation.
-    """
-    record: dict[str, object] = {
-        K.POSITIONS: atoms.positions,
-        K.ATOMIC_NUMBERS: atoms.numbers,
-        K.CELL: atoms.cell.array,
-        K.PBC: atoms.pbc,
-        K.TAGS: atoms.get_tags(),
-        K.FIXED: _fixed_mask(atoms),
-        K.SID: _integer(atoms.info.get("sid"), sid),
-        K.FID: _integer(atoms.info.get("fid"), fid),
-        **{name: _result(atoms, name) for name in LABEL_NAMES},
-    }
-    record = {name: value for name, value in record.items() if value is not None}
-    if K.STRESS in record:
-        record[K.STRESS] = _stress(record[K.STRESS])
-    missing = [name for name in K.TASK_TARGETS.get(task, ()) if name not in record]
-    if missing:
-        # bad geometry first: NaN positions also make ASE treat stored results as stale
-        validate_record(record, source, index)
-        hints = "; ".join(f"{name}: {_where(name)}" for name in missing)
-        raise DataError(source, f"no {' or '.join(missing)} for task {task} (looked for {hints})", index)
-    return validate_record(record, source, index, task=task)
-
-
-def _fixed_mask(atoms: Atoms) -> np.ndarray:
-    fixed = np.zeros(len(atoms), dtype=bool)
-    for constraint in atoms.constraints:
-        # FixCartesian holding only some directions leaves the atom free
-        if isinstance(constraint, FixAtoms) or isinstance(constraint, FixCartesian) and constraint.mask.all():
-            fixed[constraint.index] = True
-    return fixed
-
-
-def _integer(value: object, default: int | None) -> int | None:
-    is_int = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
-    return int(value) if is_int else default
-
-
-def _lookup(atoms: Atoms, names: tuple[str, ...]):
-    for name in names:
-        if name in atoms.arrays:
-            return atoms.arrays[name]
-        if name in atoms.info:
-            return atoms.info[name]
-    return None
-
-
-def _result(atoms: Atoms, name: str):
-    """A stored calculator result (never a new calculation), else the first ``LABEL_NAMES`` entry present."""
-    if atoms.calc is not None:
-        try:
-            value = atoms.calc.get_property(name, atoms, allow_calculation=False)
-        except PropertyNotImplementedError:
-            value = None
-        if value is not None:
-            return value
-    return _lookup(atoms, LABEL_NAMES[name])
-
-
-def _where(name: str) -> str:
-    return f"a calculator result, then {' / '.join(LABEL_NAMES[name])} in info or arrays"
-
-
-def _stress(value) -> np.ndarray:
-    stress = np.asarray(value, dtype=np.float64)
-    if stress.shape == (6,):  # Voigt order xx yy zz yz xz xy, as ASE calculators store it
-        return voigt_6_to_full_3x3_stress(stress)
-    return stress.reshape(3, 3) if stress.size == 9 else stress  # other shapes: validate_record names them
