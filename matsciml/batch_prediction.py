@@ -23,7 +23,7 @@ from ase.io import read, write
 from rich.console import Console
 
 from matsciml.atomic import disk_full, write_file
-from matsciml.calculators import TRAINED, MaxNeighbors, inference_graph
+from matsciml.calculators import TRAINED, MaxNeighbors, check_species, inference_graph, trained_species
 from matsciml.data.progress import progress_bar
 from matsciml.data.structures import batch_from_atoms
 from matsciml.tasks.base import AtomisticTask
@@ -81,6 +81,9 @@ def predict_atoms(
     graph the task was trained on; a cap warns once per call).
     """
     task = task.eval()
+    species = trained_species(task)
+    for index, atoms in enumerate(structures):  # all of them first: no batch is predicted for nothing
+        check_species(species, atoms, "<structures>", index)
     return [atoms for batch in _batches(task, structures, batch_size, num_workers, max_neighbors) for atoms in batch]
 
 
@@ -124,8 +127,12 @@ def predict_files(
     """
     out = Path(out)
     structures: list[Atoms] = []
+    species = trained_species(task)
     for path in inputs:
-        structures += read(path, index=":")
+        frames = read(path, index=":")
+        for index, atoms in enumerate(frames):  # before any output is written
+            check_species(species, atoms, path, index)
+        structures += frames
     partial = out.with_name(out.name + ".partial")
     done_file = _progress_file(partial)
     done = {"structures": 0, "bytes": 0}

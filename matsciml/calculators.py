@@ -138,7 +138,7 @@ class MatSciMLCalculator(Calculator):
         self.task = task.to(device=self.device, dtype=self.dtype).eval()
         self.graph = inference_graph(task, max_neighbors)  # warns once here if capped, not per call
         self.min_distance = check_min_distance_setting(min_distance)
-        self.species = None if getattr(task, "species", None) is None else {int(z) for z in task.species}
+        self.species = trained_species(task)
         properties = ["energy", "free_energy"]
         if getattr(task, "regress_forces", False):
             properties.append("forces")
@@ -202,15 +202,31 @@ class MatSciMLCalculator(Calculator):
             raise FloatingPointError(f"the model returned non-finite results for {self.atoms.get_chemical_formula()}")
 
     def _check_species(self, atoms: Atoms) -> None:
-        """Refuse elements outside the training data's (tasks saved without a species record pass)."""
-        if self.species is None:
-            return
-        unseen = sorted({int(z) for z in atoms.numbers} - self.species)
-        if unseen:
-            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unseen)
-            trained = ", ".join(chemical_symbols[z] for z in sorted(self.species))
-            raise DataError(
-                "<atoms>",
-                f"{atoms.get_chemical_formula()} holds {names}, which the model never saw in training; it was "
-                f"trained on {trained} only. Use a model trained on these elements",
-            )
+        check_species(self.species, atoms)
+
+
+def trained_species(task: AtomisticTask) -> set[int] | None:
+    """The atomic numbers ``task`` was trained on (``None`` for a task saved without them)."""
+    return None if getattr(task, "species", None) is None else {int(z) for z in task.species}
+
+
+def check_species(
+    species: set[int] | None, atoms: Atoms, source: str | os.PathLike = "<atoms>", index: int | None = None
+) -> None:
+    """Refuse elements outside ``species`` (the training data's; ``None``: not recorded, all pass).
+
+    Raises:
+        DataError: naming the unseen elements and the trained ones.
+    """
+    if species is None:
+        return
+    unseen = sorted({int(z) for z in atoms.numbers} - species)
+    if unseen:
+        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unseen)
+        trained = ", ".join(chemical_symbols[z] for z in sorted(species))
+        raise DataError(
+            source,
+            f"{atoms.get_chemical_formula()} holds {names}, which the model never saw in training; it was "
+            f"trained on {trained} only. Use a model trained on these elements",
+            index,
+        )

@@ -136,3 +136,18 @@ def test_cli_max_neighbors_zero_removes_the_recorded_cap(capped_checkpoint, stru
     reference = predict_atoms(load_task(capped_checkpoint), structures[:2], max_neighbors=None)
     for atoms, expected in zip(read(tmp_path / "all.extxyz", index=":"), reference, strict=True):
         assert atoms.get_potential_energy() == pytest.approx(expected.get_potential_energy(), rel=1e-6)
+
+
+def test_elements_the_model_never_saw_are_refused_before_anything_is_written(checkpoint, structures, tmp_path, capsys):
+    from matsciml.cli import main
+
+    unseen = [atoms.copy() for atoms in structures[:3]]
+    unseen[2].numbers[0] = 2  # helium, which the S2EF devset does not hold
+    write(tmp_path / "in.extxyz", unseen)
+    out = tmp_path / "out.extxyz"
+    assert main(["predict-structures", str(checkpoint), str(tmp_path / "in.extxyz"), "--out", str(out)]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith(f"matsciml: error: {tmp_path / 'in.extxyz'}, record 2: ") and "He (Z=2)" in message
+    assert not out.exists() and not list(tmp_path.glob("out.extxyz.partial*"))
+    with pytest.raises(ValueError, match=r"<structures>, record 2: .*never saw in training"):
+        predict_atoms(load_task(checkpoint), unseen)
