@@ -56,6 +56,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _weights_only_load(source: Any, what: str) -> Any:
+    # torch.save and Lightning write zip files (since torch 1.6); torch's reader of the older
+    # format preallocates what a damaged length field claims (a MemoryError from an 8-byte file)
+    start = source.tell() if hasattr(source, "seek") else None
+    if not zipfile.is_zipfile(source):
+        raise ExportError(f"{what}: not a zip-format PyTorch file, as torch.save writes")
+    if start is not None:
+        source.seek(start)  # is_zipfile read the stream's end
     try:  # tensors and plain containers only: any other pickled object is refused unread
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file makes torch's reader raise almost any type (IndexError, struct.error...)

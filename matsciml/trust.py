@@ -127,8 +127,14 @@ def check_checkpoint_classes(path: str | os.PathLike | None, trusted: Iterable[s
     """
     if not path or not Path(path).is_file():
         return
+    import zipfile
+
     import torch
 
+    # torch.save and Lightning write zip files (since torch 1.6); torch's reader of the older
+    # format preallocates what a damaged length field claims (a MemoryError from an 8-byte file)
+    if not zipfile.is_zipfile(path):
+        raise UntrustedClassError(f"{path}: not a weights-only checkpoint (not a zip file, as Lightning writes)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # what Lightning reads: no pickled code
     except Exception as err:  # torch 2.2 would unpickle it later with weights_only=False: refuse it here
