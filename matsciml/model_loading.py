@@ -28,7 +28,7 @@ from matsciml.build_budget import BudgetExceeded, check_spec_integers, weights_b
 from matsciml.checkpoints import Which, checkpoint_path
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.base import AtomisticTask
-from matsciml.trust import UntrustedClassError, resolve_class
+from matsciml.trust import UntrustedClassError, is_zip, resolve_class
 
 FORMAT, FORMAT_VERSION = "matsciml-model", 1
 MODEL_FILE, CARD_FILE = "model.json", "card.json"
@@ -56,13 +56,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _weights_only_load(source: Any, what: str) -> Any:
-    # torch.save and Lightning write zip files (since torch 1.6); torch's reader of the older
-    # format preallocates what a damaged length field claims (a MemoryError from an 8-byte file)
-    start = source.tell() if hasattr(source, "seek") else None
-    if not zipfile.is_zipfile(source):
+    if not is_zip(source):  # torch's reader of its pre-zip format trusts damaged length fields
         raise ExportError(f"{what}: not a zip-format PyTorch file, as torch.save writes")
-    if start is not None:
-        source.seek(start)  # is_zipfile read the stream's end
     try:  # tensors and plain containers only: any other pickled object is refused unread
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file makes torch's reader raise almost any type (IndexError, struct.error...)

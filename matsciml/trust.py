@@ -119,6 +119,26 @@ def check_class_paths(value: Any, trusted: Iterable[str] | None = None, where: s
             check_class_paths(item, trusted, f"{where}[{i}]")
 
 
+def is_zip(source: Any) -> bool:
+    """Whether ``source`` (a path or a seekable binary stream, left where it was) is a zip archive.
+
+    torch.save and Lightning write zip files (since torch 1.6); torch's reader of the older format
+    preallocates what a damaged length field claims (a MemoryError from an 8-byte file), so the
+    loaders refuse anything else unread. ``zipfile`` itself raises on some damaged archives
+    (multi-disk ones): those are not zip files a loader can read either.
+    """
+    import zipfile
+
+    start = source.tell() if hasattr(source, "seek") else None
+    try:
+        return zipfile.is_zipfile(source)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False
+    finally:
+        if start is not None:
+            source.seek(start)
+
+
 def check_checkpoint_classes(path: str | os.PathLike | None, trusted: Iterable[str] | None = None) -> None:
     """Refuse a checkpoint whose hyper-parameters name a class outside the trusted modules, unimported.
 
@@ -127,13 +147,9 @@ def check_checkpoint_classes(path: str | os.PathLike | None, trusted: Iterable[s
     """
     if not path or not Path(path).is_file():
         return
-    import zipfile
-
     import torch
 
-    # torch.save and Lightning write zip files (since torch 1.6); torch's reader of the older
-    # format preallocates what a damaged length field claims (a MemoryError from an 8-byte file)
-    if not zipfile.is_zipfile(path):
+    if not is_zip(path):
         raise UntrustedClassError(f"{path}: not a weights-only checkpoint (not a zip file, as Lightning writes)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # what Lightning reads: no pickled code
