@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import ase.io
-import jsonschema
 import numpy as np
 import pytest
 from ase import Atoms
@@ -34,6 +33,8 @@ from matsciml.data.min_distance import check_min_distance
 from matsciml.data.neighbors import RadiusGraph
 from matsciml.partials import close_interrupted_record, partial_path, pid_alive
 from matsciml.provenance import INTERRUPTED, dataset_record, load_record, load_schema
+
+jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (the test extra has it)")
 
 REPO = Path(matsciml.__file__).resolve().parents[1]
 
