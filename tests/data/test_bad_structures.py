@@ -22,6 +22,7 @@ from ase import Atoms
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 from helpers.ase_inputs import emt_frames
+from helpers.ready import ReadyPipe
 
 import matsciml
 from matsciml import cli
@@ -168,7 +169,7 @@ def test_a_live_conversions_partial_and_record_are_left_alone(tmp_path):
         sleeper.communicate(b"")
 
 
-# Reads one frame per unit; after the first shard it writes the marker and blocks, so the partial
+# Reads one frame per unit; after the first shard it signals the test's ready pipe and blocks, so the partial
 # exists and the conversion is still running when SIGKILL arrives, however loaded the machine.
 _BLOCKING_CONVERT = """
 import os, sys, time
@@ -176,11 +177,11 @@ from pathlib import Path
 from matsciml import cli
 from matsciml.data.formats import ase_io
 ase_io.FRAMES_PER_UNIT = 1
-read_unit, marker, calls = ase_io.read_unit, Path(os.environ["MARKER"]), [0]
+read_unit, calls = ase_io.read_unit, [0]
 def blocking_read_unit(unit, task):
     calls[0] += 1
     if calls[0] > 3:
-        marker.write_text("writing")
+        os.write(int(os.environ["MATSCIML_TEST_READY_FD"]), b"ready\\n")
         time.sleep(600)  # SIGKILL lands here
     return read_unit(unit, task)
 ase_io.read_unit = blocking_read_unit
@@ -190,14 +191,12 @@ sys.exit(cli.main(sys.argv[1:]))
 
 def test_a_killed_conversions_partial_is_removed_and_its_record_interrupted(tmp_path):
     source = write_xyz(tmp_path / "in.xyz", [labelled(a) for a in emt_frames(6, labels=False)])
-    destination, marker = tmp_path / "data", tmp_path / "writing"
+    destination, ready = tmp_path / "data", ReadyPipe()
     command = ["data", "convert", str(source), str(destination), "--task", "s2ef", "--records-per-shard", "2"]
-    env = {**os.environ, "MARKER": str(marker)}
-    process = subprocess.Popen([sys.executable, "-c", _BLOCKING_CONVERT, *command], cwd=REPO, env=env)
-    deadline = time.monotonic() + 300
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), "the conversion never got past its first shard"
+    env = {**os.environ, **ready.env}
+    code = [sys.executable, "-c", _BLOCKING_CONVERT, *command]
+    process = subprocess.Popen(code, cwd=REPO, env=env, pass_fds=ready.pass_fds)
+    assert ready.wait(process), "the conversion never got past its first shard"
     stale = partial_path(destination, process.pid)
     assert stale.is_dir()
     started = time.perf_counter()

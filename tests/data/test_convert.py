@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import ase.io
@@ -20,6 +19,7 @@ from helpers.ase_inputs import (
     write_inputs,
     write_pymatgen_folder,
 )
+from helpers.ready import ReadyPipe
 
 import matsciml
 from matsciml import cli
@@ -226,8 +226,8 @@ def test_cli_main_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     assert "nope.xyz: no such file or folder" in capsys.readouterr().err
 
 
-# Reads one frame per unit; once a shard is written it says so in the marker file and then
-# blocks, so the conversion is certainly still running when Ctrl-C arrives, however loaded the machine.
+# Reads one frame per unit; once a shard is written it says so through the test's ready pipe and
+# then blocks, so the conversion is certainly still running when Ctrl-C arrives, however loaded the machine.
 _SLOW_CONVERT = """
 import os, sys, time
 from pathlib import Path
@@ -235,13 +235,12 @@ from matsciml import cli
 from matsciml.data.formats import ase_io, lmdb_shards
 ase_io.FRAMES_PER_UNIT = 1
 read_unit = ase_io.read_unit
-marker = Path(os.environ["MARKER"])
 calls = 0
 def blocking_read_unit(unit, task):
     global calls
     calls += 1
     if calls > 6:  # past the first shard of 5 records
-        marker.write_text("writing")
+        os.write(int(os.environ["MATSCIML_TEST_READY_FD"]), b"ready\\n")
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             time.sleep(0.01)  # Ctrl-C lands here
@@ -253,7 +252,7 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def test_ctrl_c_leaves_no_dataset(inputs, tmp_path):
-    destination, marker = tmp_path / "interrupted", tmp_path / "writing"
+    destination, ready = tmp_path / "interrupted", ReadyPipe()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -274,12 +273,10 @@ def test_ctrl_c_leaves_no_dataset(inputs, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "MARKER": str(marker)},
+        env={**os.environ, **ready.env},
+        pass_fds=ready.pass_fds,
     )
-    deadline = time.monotonic() + 300
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), f"the conversion never got past its first shard: {process.communicate()[1][-2000:]}"
+    assert ready.wait(process), f"the conversion never got past its first shard: {process.communicate()[1][-2000:]}"
     assert leftovers(destination), "a shard is written, so the partial folder must exist"
     os.kill(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
