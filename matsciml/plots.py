@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from matsciml.atomic import write_file
+
 #: most points drawn per parity panel; the MAE is still over all of them
 MAX_POINTS = 20_000
 #: PNG text chunk holding the numbers a plot shows (read back with ``PIL.Image.open(path).text``)
@@ -216,13 +218,8 @@ def save_png(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     metadata = {METADATA_KEY: json.dumps(dict(numbers), sort_keys=True)} if numbers else {}
-    try:
-        figure.savefig(temporary, format="png", dpi=dpi, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_file(path, lambda handle: figure.savefig(handle, format="png", dpi=dpi, metadata=metadata))
     return path
 
 
