@@ -137,7 +137,7 @@ def evaluate_ours(run: Path, test: list[dict]) -> dict:
     """Test errors of the run's best checkpoint (through its ASE calculator), steps and parameters."""
     import torch
 
-    from matsciml.calculators import MatSciMLCalculator
+    from matsciml.integrations.calculators import MatSciMLCalculator
 
     torch.set_num_threads(1)
     calc = MatSciMLCalculator.from_checkpoint(run, which="best")

@@ -68,7 +68,7 @@ def train(config: Path, save_dir: Path, epochs: int, threads: int) -> tuple[int,
     command = [
         sys.executable,
         "-m",
-        "matsciml.cli",
+        "matsciml.cli.app",
         "fit",
         "--config",
         str(config),

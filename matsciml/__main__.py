@@ -2,6 +2,6 @@
 
 import sys
 
-from matsciml.cli import main
+from matsciml.cli.app import main
 
 sys.exit(main())

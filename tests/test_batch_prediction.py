@@ -9,11 +9,11 @@ from ase.io import read, write
 from helpers.emt import atoms_from, read_split
 from helpers.training import quiet_trainer, tiny_egnn
 
-from matsciml import batch_prediction
-from matsciml.batch_prediction import predict_atoms, predict_files
-from matsciml.calculators import MatSciMLCalculator, load_task
 from matsciml.data.datamodules import S2EFDataModule
 from matsciml.data.devsets import devset_path
+from matsciml.integrations import batch_prediction
+from matsciml.integrations.batch_prediction import predict_atoms, predict_files
+from matsciml.integrations.calculators import MatSciMLCalculator, load_task
 from matsciml.tasks import S2EFTask
 
 
@@ -80,8 +80,8 @@ def test_files_in_extxyz_out_and_resume(checkpoint, structures, tmp_path, monkey
 
 
 def test_cli_writes_extxyz_and_a_record(checkpoint, structures, tmp_path, capsys):
-    from matsciml.cli import main
-    from matsciml.provenance import load_record
+    from matsciml.cli.app import main
+    from matsciml.records.provenance import load_record
 
     write(tmp_path / "in.extxyz", structures[:5])
     out = tmp_path / "out.extxyz"
@@ -124,7 +124,7 @@ def test_predict_atoms_uses_the_recorded_cap_with_one_warning(capped_checkpoint,
 
 
 def test_cli_max_neighbors_zero_removes_the_recorded_cap(capped_checkpoint, structures, tmp_path):
-    from matsciml.cli import main
+    from matsciml.cli.app import main
 
     write(tmp_path / "in.extxyz", structures[:2])
     arguments = ["predict-structures", str(capped_checkpoint), str(tmp_path / "in.extxyz"), "--out"]
@@ -139,7 +139,7 @@ def test_cli_max_neighbors_zero_removes_the_recorded_cap(capped_checkpoint, stru
 
 
 def test_elements_the_model_never_saw_are_refused_before_anything_is_written(checkpoint, structures, tmp_path, capsys):
-    from matsciml.cli import main
+    from matsciml.cli.app import main
 
     unseen = [atoms.copy() for atoms in structures[:3]]
     unseen[2].numbers[0] = 2  # helium, which the S2EF devset does not hold

@@ -18,12 +18,12 @@ from ase.optimize import BFGS
 from helpers.emt import atoms_from, read_split
 from helpers.training import quiet_trainer, tiny_egnn
 
-from matsciml.calculators import MatSciMLCalculator, load_task
+from matsciml.artifacts.export import export_package
 from matsciml.data.datamodules import IS2REDataModule, S2EFDataModule
 from matsciml.data.devsets import devset_path
 from matsciml.data.errors import DataError
 from matsciml.data.structures import batch_from_atoms
-from matsciml.export import export_package
+from matsciml.integrations.calculators import MatSciMLCalculator, load_task
 from matsciml.tasks import IS2RETask, S2EFTask
 
 
@@ -159,7 +159,7 @@ def test_refuses_foreign_checkpoints(tmp_path):
 
 
 def test_exported_package_gives_the_checkpoints_results(checkpoint, tmp_path):
-    from matsciml.export import export_package
+    from matsciml.artifacts.export import export_package
 
     export_package(checkpoint, tmp_path / "model.msml")  # a bare Trainer's checkpoint exports too
     atoms = devset_atoms(count=1)[0]

@@ -14,8 +14,8 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from matsciml.cli import main
-from matsciml.cli_errors import DEBUG_ENV, input_error
+from matsciml.cli.app import main
+from matsciml.cli.errors import DEBUG_ENV, input_error
 from matsciml.data.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

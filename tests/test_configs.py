@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from matsciml.cli import main
+from matsciml.cli.app import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVSET = sorted((ROOT / "configs" / "devset").glob("*.yaml"))

@@ -24,12 +24,12 @@ from helpers.training import quiet_trainer, tiny_egnn
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from matsciml.atomic import DiskFullError, write_file
-from matsciml.checkpoint_io import AtomicCheckpointIO
-from matsciml.cli import main
+from matsciml.cli.app import main
 from matsciml.data import S2EFDataModule
-from matsciml.provenance import write_atomically
+from matsciml.records.provenance import write_atomically
 from matsciml.tasks import S2EFTask
 from matsciml.tasks.predictions import PredictionWriter
+from matsciml.trainer.checkpoint_io import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from matsciml import provenance
-from matsciml.cli import main
+from matsciml.artifacts.export import MODEL_FILE, TORCH_FILE, ExportError, load_model
+from matsciml.artifacts.trust import UntrustedClassError
+from matsciml.cli.app import main
 from matsciml.data import S2EFDataModule
-from matsciml.export import MODEL_FILE, TORCH_FILE, ExportError, load_model
+from matsciml.records import provenance
 from matsciml.tasks import S2EFTask
-from matsciml.trust import UntrustedClassError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from distributed.test_ddp import base_env
 
-from matsciml.cli import main
+from matsciml.cli.app import main
 from matsciml.hpo.space import SpaceError, load_space
 from matsciml.hpo.trial import run_fit, trial_dir
-from matsciml.provenance import load_record, load_schema
+from matsciml.records.provenance import load_record, load_schema
 
 optuna = pytest.importorskip("optuna")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from distributed.test_ddp import base_env
 
-from matsciml.cli import main
-from matsciml.provenance import load_record
+from matsciml.cli.app import main
+from matsciml.records.provenance import load_record
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [

@@ -11,9 +11,9 @@ import pytest
 from distributed.test_ddp import base_env
 from matplotlib.image import imread
 
-from matsciml import plots
-from matsciml.cli import main
-from matsciml.provenance import load_record, sha256_file
+from matsciml.cli.app import main
+from matsciml.records import plots
+from matsciml.records.provenance import load_record, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [

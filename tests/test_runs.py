@@ -1,4 +1,4 @@
-"""Querying runs: `matsciml runs list|show|compare` and matsciml.runs over real fit runs."""
+"""Querying runs: `matsciml runs list|show|compare` and matsciml.records.runs over real fit runs."""
 
 import io
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from matsciml import runs
-from matsciml.cli import main
+from matsciml.cli.app import main
+from matsciml.records import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [

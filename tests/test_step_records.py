@@ -9,10 +9,10 @@ import pytest
 import yaml
 from distributed.test_ddp import base_env
 
-from matsciml import provenance, runs
-from matsciml.cli import main
+from matsciml.cli.app import main
 from matsciml.data.fingerprint import dataset_digest
-from matsciml.provenance import StepRecord, load_record, load_schema, sha256_file
+from matsciml.records import provenance, runs
+from matsciml.records.provenance import StepRecord, load_record, load_schema, sha256_file
 
 # the legacy DGL environment (make test-dgl) collects every module but lacks the test extra
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (the test extra has it)")

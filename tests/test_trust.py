@@ -1,5 +1,5 @@
 """Loading never imports a module the file names: checkpoints, packages, the calculator and the CLI
-resolve classes through matsciml.trust, which refuses an untrusted module before importing it."""
+resolve classes through matsciml.artifacts.trust, which refuses an untrusted module before importing it."""
 
 import os
 import subprocess
@@ -10,12 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from matsciml.calculators import MatSciMLCalculator, load_task
-from matsciml.cli import main
+from matsciml.artifacts.export import export_package, load_model
+from matsciml.artifacts.trust import (
+    ENV_VAR,
+    UntrustedClassError,
+    check_trusted,
+    pop_trust_flags,
+    resolve_class,
+    trusting,
+)
+from matsciml.cli.app import main
 from matsciml.data import S2EFDataModule
-from matsciml.export import export_package, load_model
+from matsciml.integrations.calculators import MatSciMLCalculator, load_task
 from matsciml.tasks import S2EFTask
-from matsciml.trust import ENV_VAR, UntrustedClassError, check_trusted, pop_trust_flags, resolve_class, trusting
 from tests.helpers.training import quiet_trainer, tiny_egnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +133,9 @@ def test_packages_refuse_then_trust(checkpoint, tmp_path, user_module, name):
 
 def test_the_environment_variable_reaches_child_processes(user_module):
     """DDP ranks are new processes that re-run the command line: the trust must live in the environment."""
-    code = f"from matsciml.trust import resolve_class; print(resolve_class('{MODULE}.MyEGNN', object).__name__)"
+    code = (
+        f"from matsciml.artifacts.trust import resolve_class; print(resolve_class('{MODULE}.MyEGNN', object).__name__)"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     with trusting([MODULE]):
         env_inside = {**env, ENV_VAR: os.environ[ENV_VAR]}

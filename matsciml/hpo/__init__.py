@@ -4,7 +4,7 @@ A study is two files: a normal ``fit`` config and a search space (:mod:`matsciml
 Every trial is a complete ``fit`` run with its own run directory and step record; the study keeps
 its own record (step ``hpo``) in the study directory. See ``docs/hpo.md``.
 
-This package's ``__init__`` stays light (no torch, no Optuna) because ``matsciml.cli`` imports
+This package's ``__init__`` stays light (no torch, no Optuna) because ``matsciml.cli.app`` imports
 :class:`HPOError` from it for every command.
 """
 

@@ -19,7 +19,7 @@ from typing import Any
 from matsciml.hpo import HPOError
 from matsciml.hpo.space import Parameter, SearchSpace, override
 from matsciml.hpo.trial import link, run_fit, score, trial_dir
-from matsciml.provenance import write_atomically
+from matsciml.records.provenance import write_atomically
 
 
 def connect() -> Any:

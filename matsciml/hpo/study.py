@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from matsciml.hpo.space import SearchSpace, load_space
-from matsciml.provenance import StepRecord, recorded
+from matsciml.records.provenance import StepRecord, recorded
 
 BACKENDS = ("optuna", "sigopt")
 

@@ -1,6 +1,6 @@
 """One trial of a search: a ``matsciml fit`` run in this process, its score and its pruning.
 
-Trials run in-process through :func:`matsciml.training_cli.run` so that the pruning callback
+Trials run in-process through :func:`matsciml.cli.training.run` so that the pruning callback
 holds the live Optuna trial. Each trial's run folder is ``<study-dir>/trials/trial_NNNN/`` with
 the usual step record, which is also where the score is read from: one source of truth for
 what a trial measured.
@@ -16,9 +16,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from matsciml.cli_errors import one_line
+from matsciml.cli.errors import one_line
 from matsciml.hpo import HPOError
-from matsciml.provenance import load_record, write_atomically
+from matsciml.records.provenance import load_record, write_atomically
 
 
 class TrialFailed(Exception):
@@ -66,7 +66,7 @@ def run_fit(base_config: Path, overrides: list[str], run_dir: Path, callbacks: l
         HPOError: ``fit`` rejected the arguments (a wrong key in the space file fails every trial alike).
         Exception: whatever the run raised; its step record says FAILED.
     """
-    from matsciml.training_cli import run
+    from matsciml.cli.training import run
 
     run_dir = Path(run_dir)
     argv = [

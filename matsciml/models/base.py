@@ -18,9 +18,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from matsciml.artifacts.trust import resolve_class
 from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
-from matsciml.trust import resolve_class
 
 Representation = Literal["graph", "point_cloud"]
 
@@ -110,7 +110,7 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
         Args:
             spec: ``{"class_path", "init_args"}``, e.g. from a checkpoint.
             trusted_modules: modules besides ``matsciml`` the class may come from; any other module
-                is refused before it is imported (:func:`matsciml.trust.resolve_class`).
+                is refused before it is imported (:func:`matsciml.artifacts.trust.resolve_class`).
         """
         if not (isinstance(spec, dict) and isinstance(spec.get("init_args", {}), dict)):
             raise ValueError("a model spec must be {'class_path': str, 'init_args': dict}")

@@ -66,7 +66,7 @@ class AtomisticTask(pl.LightningModule):
         graph: ``{"cutoff", "max_neighbors"}`` of the radius graph the task was trained on; when
             ``None``, taken from the trainer's datamodule in ``setup("fit")``. Saved in checkpoints
             and exports; the calculator and batch prediction build the same graph (see
-            :func:`matsciml.calculators.inference_graph`). ``None`` after training: point clouds.
+            :func:`matsciml.integrations.calculators.inference_graph`). ``None`` after training: point clouds.
         huber_delta: where the Huber loss turns from quadratic to linear, in normalised units (the
             energy scale: for S2EF the force-component std).
         scheduler: ``"exponential"`` (ExponentialLR with ``gamma``, per epoch) or ``"plateau"``

@@ -1,4 +1,4 @@
-"""Parity plots and the learning curve of a run, drawn when it ends (:mod:`matsciml.plots` draws).
+"""Parity plots and the learning curve of a run, drawn when it ends (:mod:`matsciml.records.plots` draws).
 
 Our ``validation_step``/``test_step`` return nothing, so the callback predicts each batch again
 in ``on_{validation,test}_batch_end`` with ``pl_module(batch)``: one more energy-and-force pass,
@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from matsciml import plots
 from matsciml.data.backends import as_batch
+from matsciml.records import plots
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -82,7 +82,7 @@ class PlotCallback(pl.Callback):
     The parity MAEs are over every rank's structures (error sums are gathered), as the logged
     ``val/energy_mae``, ``val/force_mae``; each rank contributes a seeded sample of at most
     ``max_points / world_size`` points to the scatter. Rank 0 draws and writes. The MAEs shown
-    are kept in :attr:`shown` and in each PNG's text metadata (:func:`matsciml.plots.read_numbers`).
+    are kept in :attr:`shown` and in each PNG's text metadata (:func:`matsciml.records.plots.read_numbers`).
 
     The final validation epoch of ``fit`` is the one at ``max_epochs - 1``, at ``max_steps``, or
     after an earlier callback set ``trainer.should_stop``; a run stopped by a callback that runs after

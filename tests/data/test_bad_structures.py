@@ -25,15 +25,15 @@ from helpers.ase_inputs import emt_frames
 from helpers.ready import ReadyPipe
 
 import matsciml
-from matsciml import cli
+from matsciml.cli import app as cli
 from matsciml.data.check import check_dataset
 from matsciml.data.convert import convert
 from matsciml.data.datamodules import S2EFDataModule
 from matsciml.data.errors import DataError
 from matsciml.data.min_distance import check_min_distance
 from matsciml.data.neighbors import RadiusGraph
-from matsciml.partials import close_interrupted_record, partial_path, pid_alive
-from matsciml.provenance import INTERRUPTED, dataset_record, load_record, load_schema
+from matsciml.records.partials import close_interrupted_record, partial_path, pid_alive
+from matsciml.records.provenance import INTERRUPTED, dataset_record, load_record, load_schema
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (the test extra has it)")
 
@@ -174,7 +174,7 @@ def test_a_live_conversions_partial_and_record_are_left_alone(tmp_path):
 _BLOCKING_CONVERT = """
 import os, sys, time
 from pathlib import Path
-from matsciml import cli
+from matsciml.cli import app as cli
 from matsciml.data.formats import ase_io
 ase_io.FRAMES_PER_UNIT = 1
 read_unit, calls = ase_io.read_unit, [0]

@@ -22,7 +22,7 @@ from helpers.ase_inputs import (
 from helpers.ready import ReadyPipe
 
 import matsciml
-from matsciml import cli
+from matsciml.cli import app as cli
 from matsciml.data.convert import convert
 from matsciml.data.errors import DataError
 from matsciml.data.formats import ase_io, lmdb_shards
@@ -187,7 +187,7 @@ def test_cli_end_to_end(inputs, tmp_path):
         [
             sys.executable,
             "-m",
-            "matsciml.cli",
+            "matsciml.cli.app",
             "data",
             "convert",
             str(inputs["extxyz"]),
@@ -231,7 +231,7 @@ def test_cli_main_reports_bad_input_with_exit_code_2(tmp_path, capsys):
 _SLOW_CONVERT = """
 import os, sys, time
 from pathlib import Path
-from matsciml import cli
+from matsciml.cli import app as cli
 from matsciml.data.formats import ase_io, lmdb_shards
 ase_io.FRAMES_PER_UNIT = 1
 read_unit = ase_io.read_unit

@@ -5,7 +5,7 @@ import json
 import pytest
 from rich.console import Console
 
-from matsciml.cli import main
+from matsciml.cli.app import main
 from matsciml.data.check import check_dataset
 from matsciml.data.info import describe
 

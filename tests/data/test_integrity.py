@@ -17,7 +17,7 @@ from helpers.structures import write_dataset
 from helpers.training import quiet_trainer, tiny_egnn
 from rich.console import Console
 
-from matsciml.cli import main
+from matsciml.cli.app import main
 from matsciml.data.check import check_dataset
 from matsciml.data.datamodules import S2EFDataModule
 from matsciml.data.datasets import LMDBDataset

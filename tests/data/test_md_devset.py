@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from helpers.emt import atoms_from, emt_energy_forces, read_split
 
-from matsciml.cli import build_parser, main
+from matsciml.cli.app import build_parser, main
 from matsciml.data import md_devset
 from matsciml.data.datamodules import IS2REDataModule, S2EFDataModule
 from matsciml.data.devsets import DEVSET_SPLITS, devset_path
 from matsciml.data.formats.card import stale_statistics
 from matsciml.data.md_devset import DEFAULT_FRAMES, build_md_devset, frame_correlation, trajectory_plan
 from matsciml.data.records import validate_record
-from matsciml.provenance import load_schema
+from matsciml.records.provenance import load_schema
 
 ELEMENTS = {29, 46, 79}  # Cu, Pd, Au
 SMALL = ["--frames-train", "3", "--frames-val", "2", "--frames-test", "2"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from helpers.emt import read_split, vacuum_gap
 
-from matsciml.cli import main
+from matsciml.cli.app import main
 from matsciml.data.synthetic import adsorption_energy, pair_energy_forces, synthetic_record, write_synthetic
 
 

@@ -6,9 +6,9 @@ from helpers.fuzz import TARGETS, _model_files, run
 from helpers.mutations import fuzz_inputs
 from hypothesis import given, settings
 
-from matsciml.calculators import load_task
-from matsciml.export import ExportError
-from matsciml.trust import UntrustedClassError, check_checkpoint_classes
+from matsciml.artifacts.export import ExportError
+from matsciml.artifacts.trust import UntrustedClassError, check_checkpoint_classes
+from matsciml.integrations.calculators import load_task
 
 TARGET = TARGETS["checkpoint"]
 

@@ -10,7 +10,7 @@ from helpers.fuzz import TARGETS, _model_files, run
 from helpers.mutations import fuzz_inputs
 from hypothesis import given, settings
 
-from matsciml.export import MODEL_FILE, TORCH_FILE, ExportError, load_model
+from matsciml.artifacts.export import MODEL_FILE, TORCH_FILE, ExportError, load_model
 
 
 @pytest.mark.parametrize("name", ["package-zip", "package-json", "package-weights"])

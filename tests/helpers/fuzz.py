@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from matsciml.artifacts.export import ExportError
+from matsciml.artifacts.trust import UntrustedClassError
 from matsciml.data.errors import DataError
-from matsciml.export import ExportError
-from matsciml.trust import UntrustedClassError
 
 #: What a loader may raise on bad input: the project's own, user-facing error types.
 PROJECT_ERRORS: tuple[type[Exception], ...] = (DataError, ExportError, UntrustedClassError)
@@ -192,7 +192,7 @@ def _model_files() -> dict[str, bytes]:
     import torch
 
     from helpers.training import tiny_egnn
-    from matsciml.export import package_files
+    from matsciml.artifacts.export import package_files
     from matsciml.tasks import S2EFTask
 
     task = S2EFTask(model=tiny_egnn(), species=[1, 8, 29])
@@ -221,7 +221,7 @@ def _package(files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def _load_package_folder(workdir: Path, files: dict[str, bytes]) -> object:
-    from matsciml.export import load_model
+    from matsciml.artifacts.export import load_model
 
     folder = workdir / "package"
     folder.mkdir(exist_ok=True)
@@ -231,7 +231,7 @@ def _load_package_folder(workdir: Path, files: dict[str, bytes]) -> object:
 
 
 def _load_package_zip(data: bytes, workdir: Path) -> object:
-    from matsciml.export import load_model
+    from matsciml.artifacts.export import load_model
 
     path = workdir / "model.zip"
     path.write_bytes(data)
@@ -239,8 +239,8 @@ def _load_package_zip(data: bytes, workdir: Path) -> object:
 
 
 def _load_checkpoint(data: bytes, workdir: Path) -> object:
-    from matsciml.calculators import load_task
-    from matsciml.trust import check_checkpoint_classes
+    from matsciml.artifacts.trust import check_checkpoint_classes
+    from matsciml.integrations.calculators import load_task
 
     path = workdir / "model.ckpt"
     path.write_bytes(data)

@@ -22,10 +22,10 @@ from ase.build import add_adsorbate, bulk, fcc111
 from ase.calculators.fd import calculate_numerical_stress
 from scipy.spatial.transform import Rotation
 
-from matsciml.calculators import MatSciMLCalculator
 from matsciml.data.datamodules import S2EFDataModule
 from matsciml.data.neighbors import DEFAULT_CUTOFF, RadiusGraph
 from matsciml.data.structures import batch_from_atoms
+from matsciml.integrations.calculators import MatSciMLCalculator
 from matsciml.tasks import S2EFTask
 
 

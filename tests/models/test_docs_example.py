@@ -5,7 +5,7 @@ from pathlib import Path
 
 from helpers.physics import PhysicsBattery
 
-from matsciml.cli import main
+from matsciml.cli.app import main
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "models.md"
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers.physics import slab
 
-from matsciml.calculators import MatSciMLCalculator
-from matsciml.cli import main
+from matsciml.artifacts.export import load_model
+from matsciml.cli.app import main
 from matsciml.data import S2EFDataModule
-from matsciml.export import load_model
+from matsciml.integrations.calculators import MatSciMLCalculator
 from matsciml.tasks import S2EFTask
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from e3nn import o3
 from helpers.physics import PhysicsBattery, energy_and_forces, slab, small_bulk
 from scipy.spatial.transform import Rotation
 
-from matsciml.cli import main
+from matsciml.cli.app import main
 from matsciml.data import S2EFDataModule
 from matsciml.data.structures import batch_from_atoms
 from matsciml.models import MACE, AbstractEnergyModel

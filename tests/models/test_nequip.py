@@ -10,7 +10,7 @@ from e3nn.util.test import assert_equivariant
 from helpers.physics import PhysicsBattery, energy_and_forces, molecule_like, slab
 from scipy.spatial.transform import Rotation
 
-from matsciml.cli import main
+from matsciml.cli.app import main
 from matsciml.data import S2EFDataModule
 from matsciml.models import AbstractEnergyModel, NequIP
 

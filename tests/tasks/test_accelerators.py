@@ -10,11 +10,11 @@ from helpers.training import quiet_trainer, tiny_egnn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import matsciml.tasks  # noqa: F401  (registers accelerator="xpu")
-from matsciml.accelerators import AcceleratorUnavailable, XPUAccelerator, check_accelerator, unavailable_reason
-from matsciml.cli import main
+from matsciml.cli.app import main
+from matsciml.cli.training import run
 from matsciml.data.datamodules import S2EFDataModule
 from matsciml.tasks import S2EFTask
-from matsciml.training_cli import run
+from matsciml.trainer.accelerators import AcceleratorUnavailable, XPUAccelerator, check_accelerator, unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_XPU = hasattr(torch, "xpu") and torch.xpu.is_available()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers.training import quiet_trainer, tiny_egnn
 
-from matsciml.cli import main
+from matsciml.cli.app import main
 from matsciml.data.datamodules import IS2REDataModule, S2EFDataModule
 from matsciml.tasks import IS2RETask, S2EFTask
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from distributed.test_ddp import base_env
 
-from matsciml import plots
-from matsciml.cli import main
-from matsciml.provenance import load_record
+from matsciml.cli.app import main
+from matsciml.cli.training import run
+from matsciml.records import plots
+from matsciml.records.provenance import load_record
 from matsciml.tasks.divergence import SKIPPED_METRIC, DivergenceGuard, TrainingDiverged, first_nonfinite
-from matsciml.training_cli import run
 
 ROOT = Path(__file__).resolve().parents[2]
 #: 4 training steps per epoch on the S2EF devset (batch size 4)

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from matsciml import runs
 from matsciml.data.datamodules import IS2REDataModule
-from matsciml.provenance import COMPLETED, RESUMED, StepRecord, load_record, load_schema
-from matsciml.resume import step_checkpoint
+from matsciml.records import runs
+from matsciml.records.provenance import COMPLETED, RESUMED, StepRecord, load_record, load_schema
+from matsciml.trainer.resume import step_checkpoint
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (the test extra has it)")
 
@@ -174,7 +174,7 @@ def test_runs_list_shows_a_running_record_whose_process_died_as_died(tmp_path):
     # a real process writes its record and heartbeat, then dies by SIGKILL (its pid is then gone)
     dead = tmp_path / "killed"
     script = (
-        "import os, signal, sys; from matsciml.provenance import StepRecord; "
+        "import os, signal, sys; from matsciml.records.provenance import StepRecord; "
         "r = StepRecord(sys.argv[1], 'fit'); r.beat(); os.kill(os.getpid(), signal.SIGKILL)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -217,7 +217,7 @@ def test_checkpoint_every_n_steps_refuses_what_is_not_a_positive_count():
 def test_a_checkpoint_in_a_run_folder_pins_the_logger_unless_a_version_is_given(tmp_path):
     from jsonargparse import Namespace
 
-    from matsciml.resume import pin_run_to_checkpoint
+    from matsciml.trainer.resume import pin_run_to_checkpoint
 
     run_dir = tmp_path / "runs" / "lightning_logs" / "version_3"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -225,7 +225,9 @@ def test_a_checkpoint_in_a_run_folder_pins_the_logger_unless_a_version_is_given(
     last = run_dir / "checkpoints" / "last.ckpt"
 
     def trainer(**init_args):
-        return Namespace(logger=Namespace(class_path="matsciml.loggers.CSVLogger", init_args=Namespace(**init_args)))
+        return Namespace(
+            logger=Namespace(class_path="matsciml.trainer.loggers.CSVLogger", init_args=Namespace(**init_args))
+        )
 
     unset = trainer(save_dir="elsewhere")
     assert pin_run_to_checkpoint(unset, last) == run_dir.resolve()
@@ -270,7 +272,7 @@ def test_generator_states_round_trip_through_a_weights_only_checkpoint(tmp_path)
     # what ResumeState saves must load with torch.load(weights_only=True), as --ckpt_path is read
     import numpy as np
 
-    from matsciml.resume import rng_states, set_rng_states
+    from matsciml.trainer.resume import rng_states, set_rng_states
 
     torch.manual_seed(3)
     np.random.seed(3)

@@ -8,10 +8,10 @@ import torch
 from helpers.training import quiet_trainer, tiny_egnn
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from matsciml.calculators import MatSciMLCalculator, load_task
-from matsciml.cli import main
+from matsciml.artifacts.export import load_model, read_checkpoint
+from matsciml.cli.app import main
 from matsciml.data.datamodules import IS2REDataModule, S2EFDataModule
-from matsciml.export import load_model, read_checkpoint
+from matsciml.integrations.calculators import MatSciMLCalculator, load_task
 from matsciml.tasks import IS2RETask, S2EFTask
 from matsciml.tasks.best_checkpoint import BestCheckpoint
 from matsciml.tasks.ema import EMAWeightAveraging

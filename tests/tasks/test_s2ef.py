@@ -385,7 +385,7 @@ def test_training_without_stress_labels_says_so_once():
 def test_calculator_on_a_molecule_with_a_stress_trained_task():
     from ase.calculators.calculator import PropertyNotImplementedError
 
-    from matsciml.calculators import MatSciMLCalculator
+    from matsciml.integrations.calculators import MatSciMLCalculator
 
     molecule = _bulk_and_molecule()[1]
     molecule.calc = MatSciMLCalculator(S2EFTask(tiny_egnn(), regress_stress=True))

@@ -45,7 +45,7 @@ from matsciml.data.errors import DataError
 from matsciml.data.formats import lmdb_shards
 from matsciml.data.formats.card import DatasetStatistics
 from matsciml.data.records import Record, validate_record
-from matsciml.partials import partial_path, remove_stale_partials
+from matsciml.records.partials import partial_path, remove_stale_partials
 
 MAGIC = b"MSML"
 CODEC_VERSION = 2

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from matsciml.cli_args import positive_int, step_config
+from matsciml.cli.args import positive_int, step_config
 
 
 def _cmd_devset_build(args: argparse.Namespace) -> None:
     from matsciml.data.devset_builder import build_devsets
     from matsciml.data.fingerprint import dataset_digest
-    from matsciml.provenance import StepRecord, recorded
+    from matsciml.records.provenance import StepRecord, recorded
 
     # the record of the whole build sits in the output folder, beside the task folders
     with recorded(StepRecord(args.out, "devset build", command=args.command, config=step_config(args))) as record:
@@ -25,7 +25,7 @@ def _cmd_devset_build(args: argparse.Namespace) -> None:
 def _cmd_devset_md(args: argparse.Namespace) -> None:
     from matsciml.data.fingerprint import dataset_digest
     from matsciml.data.md_devset import build_md_devset
-    from matsciml.provenance import dataset_record, recorded
+    from matsciml.records.provenance import dataset_record, recorded
 
     frames = {split: getattr(args, f"frames_{split}") for split in ("train", "val", "test")}
     # beside the devset (devsets/md.step.json), as its three splits move into place together at the end
@@ -39,7 +39,7 @@ def _cmd_devset_md(args: argparse.Namespace) -> None:
 def _cmd_devset_synthetic(args: argparse.Namespace) -> None:
     from matsciml.data.fingerprint import dataset_digest
     from matsciml.data.synthetic import write_synthetic
-    from matsciml.provenance import dataset_record, recorded
+    from matsciml.records.provenance import dataset_record, recorded
 
     with recorded(dataset_record(args.destination, "devset synthetic", args.command, step_config(args))) as record:
         write_synthetic(

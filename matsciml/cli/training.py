@@ -14,9 +14,9 @@ YAML. What the data knows is linked into the task instead of being repeated in c
 to ``--prediction_writer.path``.
 
 Before the Trainer is built, an accelerator the machine lacks fails with what is missing
-(:mod:`matsciml.accelerators`), and a ``fit`` inside a SLURM job is pinned to the job
-(:mod:`matsciml.slurm`) so a requeued job resumes and logs where it started. A ``fit`` given
-``--ckpt_path <run>/checkpoints/last.ckpt`` continues that run in its folder (:mod:`matsciml.resume`).
+(:mod:`matsciml.trainer.accelerators`), and a ``fit`` inside a SLURM job is pinned to the job
+(:mod:`matsciml.trainer.slurm`) so a requeued job resumes and logs where it started. A ``fit`` given
+``--ckpt_path <run>/checkpoints/last.ckpt`` continues that run in its folder (:mod:`matsciml.trainer.resume`).
 """
 
 from __future__ import annotations
@@ -32,21 +32,21 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from matsciml.accelerators import check_accelerator
-from matsciml.cli_errors import ConfigError, input_error
+from matsciml.artifacts.trust import check_checkpoint_classes
+from matsciml.cli.errors import ConfigError, input_error
 from matsciml.data.datamodules import AtomisticDataModule
-from matsciml.loggers import resolve_save_dirs, run_directory, versioned_logger_configs
-from matsciml.provenance import require_clean_checkout
-from matsciml.resume import ResumeState, pin_run_to_checkpoint, step_checkpoint
-from matsciml.slurm import job_identity, pin_run_to_job
-from matsciml.step_recorder import StepRecorder
+from matsciml.records.provenance import require_clean_checkout
+from matsciml.records.step_recorder import StepRecorder
 from matsciml.tasks.base import AtomisticTask
 from matsciml.tasks.best_checkpoint import BestCheckpoint
 from matsciml.tasks.divergence import DivergenceGuard, TrainingDiverged
 from matsciml.tasks.plots import PlotCallback
 from matsciml.tasks.predictions import PredictionWriter
 from matsciml.tasks.report import MetricsReport
-from matsciml.trust import check_checkpoint_classes
+from matsciml.trainer.accelerators import check_accelerator
+from matsciml.trainer.loggers import resolve_save_dirs, run_directory, versioned_logger_configs
+from matsciml.trainer.resume import ResumeState, pin_run_to_checkpoint, step_checkpoint
+from matsciml.trainer.slurm import job_identity, pin_run_to_job
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 __all__ = ["MatSciMLCLI", "TrainingDiverged", "run"]  # run raises TrainingDiverged for a diverged fit
@@ -108,7 +108,7 @@ class MatSciMLCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # Lightning parses the checkpoint's hyper-parameters with jsonargparse, which imports every
-        # class_path in them: check them all against the trusted modules first (matsciml.trust)
+        # class_path in them: check them all against the trusted modules first (matsciml.artifacts.trust)
         if self.config.get("subcommand"):
             check_checkpoint_classes(self.config[self.config.subcommand].get("ckpt_path"))
         super()._parse_ckpt_path()
@@ -185,13 +185,13 @@ def run(argv: list[str], extra_callbacks: list | None = None) -> None:
     trainer_defaults: dict[str, Any] = {
         # Lightning's CSVLogger, appending to metrics.csv when a run continues in its folder
         # under --trainer.default_root_dir, else runs/ (its save_dir is filled in before instantiation)
-        "logger": {"class_path": "matsciml.loggers.CSVLogger"},
+        "logger": {"class_path": "matsciml.trainer.loggers.CSVLogger"},
         # checkpoints/last.ckpt always names the newest checkpoint of a run (never last-v1.ckpt, also
         # when a resumed run or --checkpoint_every_n_steps writes it too), best.ckpt the best
         # validation by the task's monitor metric; PlotCallback: PNGs, parity plots, learning curve
         "callbacks": [ModelCheckpoint(save_last=True, enable_version_counter=False), BestCheckpoint(), PlotCallback()],
         # checkpoints written beside their path and renamed: a full disk keeps the previous one
-        "plugins": [{"class_path": "matsciml.checkpoint_io.AtomicCheckpointIO"}],
+        "plugins": [{"class_path": "matsciml.trainer.checkpoint_io.AtomicCheckpointIO"}],
     }
     # LightningCLI reads sys.argv (given args next to a command line earn a warning), so
     # present argv as the command line for the duration of the run.
@@ -213,7 +213,7 @@ def run(argv: list[str], extra_callbacks: list | None = None) -> None:
             trainer_defaults=trainer_defaults,
             auto_configure_optimizers=True,
             extra_callbacks=extra_callbacks,
-            # a refused key or value raises (matsciml.cli_errors makes it one line) instead of usage + exit
+            # a refused key or value raises (matsciml.cli.errors makes it one line) instead of usage + exit
             parser_kwargs={"exit_on_error": False},
         )
     finally:

@@ -1,7 +1,7 @@
 """The ``matsciml`` command line.
 
 Data subcommands (``data info|check|convert``; ``devset build|md|synthetic`` in
-:mod:`matsciml.cli_devset`) are plain argparse; heavy modules are imported only by the
+:mod:`matsciml.cli.devset`) are plain argparse; heavy modules are imported only by the
 subcommand that needs them, so ``matsciml --help`` answers at once.
 """
 
@@ -11,9 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from matsciml.cli_args import non_negative_int, positive_int, step_config
-from matsciml.cli_devset import add_devset_commands
-from matsciml.cli_runs import add_runs_commands
+from matsciml.cli.args import non_negative_int, positive_int, step_config
+from matsciml.cli.devset import add_devset_commands
+from matsciml.cli.runs import add_runs_commands
 
 
 def _dataset_path(args: argparse.Namespace) -> Path:
@@ -52,7 +52,7 @@ def _cmd_data_check(args: argparse.Namespace) -> None:
 def _cmd_data_convert(args: argparse.Namespace) -> None:
     from matsciml.data.convert import convert
     from matsciml.data.fingerprint import dataset_digest
-    from matsciml.provenance import dataset_record, recorded
+    from matsciml.records.provenance import dataset_record, recorded
 
     record = dataset_record(args.destination, "data convert", args.command, step_config(args))
     for source in args.sources:
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from matsciml.export import export_package
+    from matsciml.artifacts.export import export_package
 
     out = export_package(
         args.checkpoint,
@@ -223,8 +223,8 @@ def _add_hpo_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict_structures(args: argparse.Namespace) -> None:
-    from matsciml.batch_prediction import load_any, predict_files
-    from matsciml.provenance import dataset_record, recorded
+    from matsciml.integrations.batch_prediction import load_any, predict_files
+    from matsciml.records.provenance import dataset_record, recorded
 
     record = dataset_record(args.out, "predict-structures", args.command, step_config(args))
     record.add_input("model", args.model, kind="checkpoint" if args.model.is_file() else "directory")
@@ -247,7 +247,7 @@ def _cmd_predict_structures(args: argparse.Namespace) -> None:
 
 def _max_neighbors(value: int | None) -> int | str | None:
     """``--max-neighbors``: absent -> as trained, 0 -> no cap, N -> N."""
-    from matsciml.calculators import TRAINED
+    from matsciml.integrations.calculators import TRAINED
 
     return TRAINED if value is None else value or None
 
@@ -282,10 +282,10 @@ TRAINING_HELP = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from matsciml.cli_errors import ARGUMENT_ERRORS, debug_flag, job_errors, report
+    from matsciml.cli.errors import ARGUMENT_ERRORS, debug_flag, job_errors, report
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    with debug_flag(argv) as argv, job_errors():  # --debug: tracebacks of input errors too (matsciml.cli_errors)
+    with debug_flag(argv) as argv, job_errors():  # --debug: tracebacks of input errors too (matsciml.cli.errors)
         training = bool(argv) and argv[0] in TRAINING_HELP
         try:
             _run_training(argv) if training else _run_command(argv)
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_training(argv: list[str]) -> None:
-    from matsciml.training_cli import run
-    from matsciml.trust import pop_trust_flags, trusting
+    from matsciml.artifacts.trust import pop_trust_flags, trusting
+    from matsciml.cli.training import run
 
     # LightningCLI does not know --trust-module: it goes to the environment, which the
     # processes of a DDP run inherit (they re-run the command line without it)
@@ -306,7 +306,7 @@ def _run_training(argv: list[str]) -> None:
 
 
 def _run_command(argv: list[str]) -> None:
-    from matsciml.trust import trusting
+    from matsciml.artifacts.trust import trusting
 
     args = build_parser().parse_args(argv)
     args.command = ["matsciml", *argv]

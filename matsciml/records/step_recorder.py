@@ -1,6 +1,6 @@
 """The step record of a Lightning run (``fit``, ``validate``, ``test``, ``predict``), as a callback.
 
-:class:`StepRecorder` opens a :class:`~matsciml.provenance.StepRecord` in the run directory
+:class:`StepRecorder` opens a :class:`~matsciml.records.provenance.StepRecord` in the run directory
 (``trainer.log_dir``) when the run starts, on global rank 0 only (one record per step under DDP,
 with the world size in it), and closes it when the run ends: ``COMPLETED`` with outputs and
 metrics, ``FAILED`` with the error, or ``INTERRUPTED`` (Ctrl-C). Next to ``step.json`` it leaves
@@ -9,7 +9,7 @@ the files a DVC stage points at: ``params.yaml`` (the resolved config) and ``met
 A run resumed in its folder (``--ckpt_path <run>/checkpoints/last.ckpt``, a requeued SLURM job)
 continues the record there: ``RESUMED`` with the checkpoint, step and time of each resume. After
 each batch it refreshes the record's heartbeat, at most every :data:`HEARTBEAT_S` seconds, so
-``matsciml runs list`` can tell a run whose process died (:mod:`matsciml.runs`).
+``matsciml runs list`` can tell a run whose process died (:mod:`matsciml.records.runs`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ import yaml
 
 from matsciml.data.errors import DataError
 from matsciml.data.fingerprint import dataset_digest
-from matsciml.provenance import COMPLETED, FAILED, INTERRUPTED, RECORD_NAME, RESUMED, StepRecord, write_atomically
+from matsciml.records.provenance import (
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    RECORD_NAME,
+    RESUMED,
+    StepRecord,
+    write_atomically,
+)
 
 PARAMS_NAME, METRICS_NAME = "params.yaml", "metrics.json"
 #: metrics where larger is better; all others are errors or losses

@@ -7,7 +7,7 @@ so a run that crashes or is killed still says what it was doing; a run that ends
 ``COMPLETED``, ``FAILED`` (with the error) or ``INTERRUPTED``. A run continued from a checkpoint
 reopens its record (:meth:`StepRecord.reopen`): ``RESUMED`` while it runs, each resume listed. While
 a step runs, :meth:`StepRecord.beat` keeps a heartbeat (time, pid, host), from which
-:mod:`matsciml.runs` tells a record whose process died (``DIED``).
+:mod:`matsciml.records.runs` tells a record whose process died (``DIED``).
 
 This module knows nothing of models, data formats or Lightning: callers pass paths, digests,
 configuration and metrics in plain Python types.
@@ -35,7 +35,7 @@ from matsciml.atomic import write_file
 
 SCHEMA_VERSION = 1
 RECORD_NAME = "step.json"
-SCHEMA_PATH = Path(__file__).with_name("schemas") / "step_record.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "step_record.schema.json"
 RUNNING, COMPLETED, FAILED, INTERRUPTED = "RUNNING", "COMPLETED", "FAILED", "INTERRUPTED"
 #: a run continued from a checkpoint, running again (it ends COMPLETED, FAILED or INTERRUPTED)
 RESUMED = "RESUMED"
@@ -278,9 +278,9 @@ def dataset_record(destination: str | os.PathLike, step: str, command: list[str]
     Beside, not inside: the dataset appears only when complete (an atomic rename), while the
     record must exist from the start; and the dataset's own bytes stay those of its records.
     A record left ``RUNNING`` by a step that died writing ``destination`` is closed ``INTERRUPTED``
-    first and named in the new record's ``links["interrupted"]`` (see :mod:`matsciml.partials`).
+    first and named in the new record's ``links["interrupted"]`` (see :mod:`matsciml.records.partials`).
     """
-    from matsciml.partials import close_interrupted_record
+    from matsciml.records.partials import close_interrupted_record
 
     destination = Path(destination)
     record = StepRecord(

@@ -23,19 +23,19 @@ from ase.io import read, write
 from rich.console import Console
 
 from matsciml.atomic import disk_full, write_file
-from matsciml.calculators import TRAINED, MaxNeighbors, check_species, inference_graph, trained_species
 from matsciml.data.progress import progress_bar
 from matsciml.data.structures import batch_from_atoms
+from matsciml.integrations.calculators import TRAINED, MaxNeighbors, check_species, inference_graph, trained_species
 from matsciml.tasks.base import AtomisticTask
 
 
 def load_any(model: str | os.PathLike, device: str = "cpu") -> AtomisticTask:
     """A task from a Lightning checkpoint (``.ckpt``) or an exported package (folder or zip)."""
-    from matsciml.calculators import load_task
+    from matsciml.integrations.calculators import load_task
 
     if Path(model).suffix == ".ckpt":
         return load_task(model, device=device)
-    from matsciml.export import load_model
+    from matsciml.artifacts.export import load_model
 
     return load_model(model, device=device)
 
@@ -77,7 +77,7 @@ def predict_atoms(
 ) -> list[Atoms]:
     """Copies of ``structures`` with the task's energy (eV) and, for S2EF, forces (eV/Å).
 
-    ``max_neighbors``: as for :class:`~matsciml.calculators.MatSciMLCalculator` (default: the
+    ``max_neighbors``: as for :class:`~matsciml.integrations.calculators.MatSciMLCalculator` (default: the
     graph the task was trained on; a cap warns once per call).
     """
     task = task.eval()

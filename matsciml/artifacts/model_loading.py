@@ -1,11 +1,11 @@
 """Loading trained models: checkpoints and exported packages to tasks, never running code from the file.
 
-A package (a folder, or a zip; written by :mod:`matsciml.export`) holds ``weights.safetensors`` or
+A package (a folder, or a zip; written by :mod:`matsciml.artifacts.export`) holds ``weights.safetensors`` or
 ``weights.pt`` (a plain ``{name: tensor}`` state dict), ``model.json`` (task class, its init
 arguments, model spec) and ``card.json``. Loading takes task and model classes only from matsciml or
-modules the caller trusts (:mod:`matsciml.trust`, checked before any import), JSON hyper-parameters,
+modules the caller trusts (:mod:`matsciml.artifacts.trust`, checked before any import), JSON hyper-parameters,
 weights-only tensors, every member read with a size cap (a zip is streamed, never read whole), and
-builds the model under the budget of its weights (:mod:`matsciml.build_budget`).
+builds the model under the budget of its weights (:mod:`matsciml.artifacts.build_budget`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import IO, Any
 
 import torch
 
-from matsciml.build_budget import BudgetExceeded, check_spec_integers, weights_budget
-from matsciml.checkpoints import Which, checkpoint_path
+from matsciml.artifacts.build_budget import BudgetExceeded, check_spec_integers, weights_budget
+from matsciml.artifacts.checkpoints import Which, checkpoint_path
+from matsciml.artifacts.trust import UntrustedClassError, is_zip, resolve_class
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.base import AtomisticTask
-from matsciml.trust import UntrustedClassError, is_zip, resolve_class
 
 FORMAT, FORMAT_VERSION = "matsciml-model", 1
 MODEL_FILE, CARD_FILE = "model.json", "card.json"
@@ -115,7 +115,7 @@ def checkpoint_task_path(hparams: dict[str, Any]) -> str:
 
 
 def task_class_from_path(class_path: str, trusted_modules: Iterable[str] | None = None) -> type[AtomisticTask]:
-    """The ``AtomisticTask`` subclass named ``class_path``, from matsciml or a trusted module (matsciml.trust)."""
+    """The ``AtomisticTask`` subclass named ``class_path``, from matsciml or a trusted module (see :mod:`.trust`)."""
     return resolve_class(class_path, AtomisticTask, trusted_modules, what="task class")
 
 
@@ -131,7 +131,7 @@ def build_task(
         description: the parsed ``model.json`` (or :func:`model_description` of a checkpoint).
         trusted_modules: modules besides ``matsciml`` the task and model classes may come from.
         weights: the state dict that will be loaded into it: the build is refused as soon as the
-            model grows past what these could fill (:func:`matsciml.build_budget.weights_budget`).
+            model grows past what these could fill (:func:`matsciml.artifacts.build_budget.weights_budget`).
         where: the file the description came from, for errors.
 
     Raises:
@@ -173,7 +173,7 @@ def task_from_checkpoint(
     """The task of a Lightning checkpoint, built as a package is (no ``load_from_checkpoint``, whose
     jsonargparse instantiator would import the checkpoint's class paths), with its weights.
     ``path`` may be a run folder, with ``which`` ``"best"`` or ``"last"``
-    (:func:`matsciml.checkpoints.checkpoint_path`)."""
+    (:func:`matsciml.artifacts.checkpoints.checkpoint_path`)."""
     path = checkpoint_path(path, which)
     return checkpoint_task(read_checkpoint(path), path, trusted_modules)
 

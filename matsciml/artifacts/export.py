@@ -2,8 +2,8 @@
 
 A package (a folder, or a zip) holds ``weights.safetensors`` or ``weights.pt`` (a plain ``{name: tensor}`` state
 dict; the normaliser is buffers, so it is inside), ``model.json`` (task class, its init arguments, model spec) and
-``card.json`` (the model card). Loading them (:func:`load_model`) and checkpoints is :mod:`matsciml.model_loading`,
-whose public names are importable from here as well.
+``card.json`` (the model card). Loading them (:func:`load_model`) and checkpoints is
+:mod:`matsciml.artifacts.model_loading`, whose public names are importable from here as well.
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ from typing import Any
 import torch
 from ase.data import chemical_symbols
 
-from matsciml import provenance
-from matsciml.atomic import disk_full, replace_path
-from matsciml.checkpoints import Which, checkpoint_path
-from matsciml.model_loading import (
+from matsciml.artifacts.checkpoints import Which, checkpoint_path
+from matsciml.artifacts.model_loading import (
     CARD_FILE,
     FORMAT,
     FORMAT_VERSION,
@@ -44,6 +42,8 @@ from matsciml.model_loading import (
     task_class_from_path,
     task_from_checkpoint,
 )
+from matsciml.atomic import disk_full, replace_path
+from matsciml.records import provenance
 from matsciml.tasks.base import AtomisticTask
 
 # the loading names stay importable from here, where they were before model_loading.py

@@ -26,7 +26,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.data import chemical_symbols
 
-from matsciml.checkpoints import Which
+from matsciml.artifacts.checkpoints import Which
 from matsciml.data.errors import DataError
 from matsciml.data.min_distance import DEFAULT_MIN_DISTANCE, check_min_distance_setting
 from matsciml.data.structures import batch_from_atoms
@@ -83,9 +83,9 @@ def load_task(
 ) -> AtomisticTask:
     """The task saved in a Lightning checkpoint (CLI or Python), loaded weights-only, in eval mode.
 
-    The task is built as for exports (:func:`matsciml.export.task_from_checkpoint`): its task and
+    The task is built as for exports (:func:`matsciml.artifacts.export.task_from_checkpoint`): its task and
     model classes only from ``matsciml`` or ``trusted_modules`` (checked before any import, see
-    :mod:`matsciml.trust`).
+    :mod:`matsciml.artifacts.trust`).
 
     Args:
         checkpoint: a ``.ckpt`` from ``matsciml fit`` or a Trainer, or a run folder of ``matsciml fit``.
@@ -93,7 +93,7 @@ def load_task(
         trusted_modules: modules besides ``matsciml`` your own task or model classes come from.
         which: for a run folder, ``"best"`` (``checkpoints/best.ckpt``) or ``"last"`` (default).
     """
-    from matsciml.export import task_from_checkpoint
+    from matsciml.artifacts.export import task_from_checkpoint
 
     return task_from_checkpoint(checkpoint, trusted_modules, which=which).to(device).eval()
 
@@ -170,7 +170,7 @@ class MatSciMLCalculator(Calculator):
         **kwargs: Any,
     ) -> MatSciMLCalculator:
         """A calculator for an exported model package (``matsciml export``)."""
-        from matsciml.export import load_model
+        from matsciml.artifacts.export import load_model
 
         return cls(load_model(path, device=device, trusted_modules=trusted_modules), device=device, **kwargs)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _cmd_runs_list(args: argparse.Namespace) -> None:
-    from matsciml import runs
+    from matsciml.records import runs
 
     frame = runs.load(args.paths, where=args.where)
     if args.metrics:
@@ -29,8 +29,8 @@ def _cmd_runs_list(args: argparse.Namespace) -> None:
 def _cmd_runs_show(args: argparse.Namespace) -> None:
     import json
 
-    from matsciml.provenance import load_record
-    from matsciml.runs import status
+    from matsciml.records.provenance import load_record
+    from matsciml.records.runs import status
 
     record = load_record(args.run)
     if args.json:
@@ -62,7 +62,7 @@ def _cmd_runs_show(args: argparse.Namespace) -> None:
 
 
 def _cmd_runs_compare(args: argparse.Namespace) -> None:
-    from matsciml import runs
+    from matsciml.records import runs
 
     table = runs.compare(runs.load(args.paths, where=args.where), args.group_by, args.metrics)
     print(runs.render(runs.with_plus_minus(table, args.metrics) if args.format == "table" else table, args.format))
@@ -71,7 +71,7 @@ def _cmd_runs_compare(args: argparse.Namespace) -> None:
 def _cmd_runs_dvc_stage(args: argparse.Namespace) -> None:
     import yaml
 
-    from matsciml.runs import dvc_stage, find_runs, load_record
+    from matsciml.records.runs import dvc_stage, find_runs, load_record
 
     name = args.name or load_record(find_runs([args.run])[0])["step"].replace(" ", "-")
     print(yaml.safe_dump({"stages": {name: dvc_stage(args.run)}}, sort_keys=False), end="")
@@ -80,7 +80,7 @@ def _cmd_runs_dvc_stage(args: argparse.Namespace) -> None:
 def _cmd_runs_plot(args: argparse.Namespace) -> None:
     import os
 
-    from matsciml import plots, runs
+    from matsciml.records import plots, runs
 
     frame = runs.load(args.runs)
     if frame.empty:

@@ -6,7 +6,7 @@ the training loader (:class:`~matsciml.data.samplers.BatchSamplerLoader`) is sta
 interrupted mid-way resumes at its next batch; :class:`ResumeState` restores the random
 generators. What is left is the run's identity: :func:`pin_run_to_checkpoint` points the logger at the
 folder the checkpoint lives in (no new ``version_1``), so ``metrics.csv`` and the step record continue,
-as a requeued SLURM job does (:mod:`matsciml.slurm`).
+as a requeued SLURM job does (:mod:`matsciml.trainer.slurm`).
 
 Mid-epoch checkpoints: ``--checkpoint_every_n_steps N`` also writes ``checkpoints/last.ckpt`` every
 ``N`` optimiser steps (:func:`step_checkpoint`), so a killed run loses at most ``N`` steps.
@@ -26,8 +26,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_max, dim_zero_min, dim_zero_sum
 
-from matsciml.loggers import versioned_logger_configs
-from matsciml.provenance import RECORD_NAME
+from matsciml.records.provenance import RECORD_NAME
+from matsciml.trainer.loggers import versioned_logger_configs
 
 #: the folder Lightning's ModelCheckpoint keeps a run's checkpoints in, inside the run folder
 CHECKPOINT_FOLDER = "checkpoints"

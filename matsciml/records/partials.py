@@ -74,7 +74,7 @@ def close_interrupted_record(record_path: str | os.PathLike, destination: str | 
         What the closed record was (run id, start, the dead pid), for the next record's links;
         ``None`` when nothing was closed.
     """
-    from matsciml.provenance import INTERRUPTED, RUNNING, now, write_atomically
+    from matsciml.records.provenance import INTERRUPTED, RUNNING, now, write_atomically
 
     found = partials(destination)
     live = [pid for pid in found if pid == os.getpid() or pid_alive(pid)]

@@ -2,7 +2,7 @@
 
 Lightning's ``CSVLogger`` deletes ``metrics.csv`` when its folder already exists, which loses the
 first part of a run resumed under the same version (a SLURM job requeued after preemption, see
-:mod:`matsciml.slurm`). This one appends to the file instead, keeping its columns.
+:mod:`matsciml.trainer.slurm`). This one appends to the file instead, keeping its columns.
 
 Its ``save_dir`` may be left unset: the CLI then puts the run under ``trainer.default_root_dir``
 (:func:`resolve_save_dirs`), as Lightning's own default logger does, and under ``runs/`` when that

@@ -7,7 +7,7 @@ Left at its defaults that folder is the working directory, shared by every job s
 and each start gets a new logger version. :func:`pin_run_to_job` names the run after the job
 instead (version ``slurm-<job id>``, ``<array job>_<task>`` for array jobs) and points
 ``default_root_dir`` at that run's folder, so a requeued job resumes its own checkpoint and keeps
-logging into the same ``metrics.csv`` (:class:`matsciml.loggers.CSVLogger` appends).
+logging into the same ``metrics.csv`` (:class:`matsciml.trainer.loggers.CSVLogger` appends).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from matsciml.loggers import run_directory, versioned_logger_configs
+from matsciml.trainer.loggers import run_directory, versioned_logger_configs
 
 
 def job_identity() -> str | None:

@@ -30,15 +30,15 @@ ERRORS_ENV = "MATSCIML_ERROR_FILE"
 #: (module, class name) of every error caused by input, on every subcommand.
 INPUT_ERRORS: tuple[tuple[str, str], ...] = (
     ("matsciml.data.errors", "DataError"),  # a dataset file or record (names both)
-    ("matsciml.model_loading", "ExportError"),  # a checkpoint or package refused or corrupt
-    ("matsciml.trust", "UntrustedClassError"),  # a checkpoint / package naming untrusted or pickled code
-    ("matsciml.accelerators", "AcceleratorUnavailable"),
-    ("matsciml.provenance", "DirtyCheckoutError"),
+    ("matsciml.artifacts.model_loading", "ExportError"),  # a checkpoint or package refused or corrupt
+    ("matsciml.artifacts.trust", "UntrustedClassError"),  # a checkpoint / package naming untrusted or pickled code
+    ("matsciml.trainer.accelerators", "AcceleratorUnavailable"),
+    ("matsciml.records.provenance", "DirtyCheckoutError"),
     ("matsciml.hpo", "HPOError"),
     ("matsciml.hpo.space", "SpaceError"),
     ("matsciml.atomic", "DiskFullError"),
     ("matsciml.tasks.divergence", "TrainingDiverged"),  # a setting to change (lr, data, skip_nonfinite_batches)
-    ("matsciml.cli_errors", "ConfigError"),
+    ("matsciml.cli.errors", "ConfigError"),
     ("argparse", "ArgumentError"),  # LightningCLI's parser (jsonargparse) refusing a key or value
     ("builtins", "FileNotFoundError"),  # a missing checkpoint, config, dataset or input file
     ("builtins", "FileExistsError"),  # an output that is there already (--overwrite)

@@ -1,6 +1,6 @@
 """Query step records: which runs exist, how they went, how they compare.
 
-A run is a directory holding ``step.json`` (:mod:`matsciml.provenance`). :func:`load` turns any
+A run is a directory holding ``step.json`` (:mod:`matsciml.records.provenance`). :func:`load` turns any
 mix of run directories and folders of runs into a pandas DataFrame, one row per run, with the
 columns people filter and group on (``step``, ``status``, ``task``, ``model``, ``seed``,
 ``commit``, ...) and every final metric as its own column. Metric histories (``metrics.csv``)
@@ -28,8 +28,8 @@ from typing import Any
 
 import pandas as pd
 
-from matsciml.partials import pid_alive
-from matsciml.provenance import RECORD_NAME, RESUMED, RUNNING, load_record
+from matsciml.records.partials import pid_alive
+from matsciml.records.provenance import RECORD_NAME, RESUMED, RUNNING, load_record
 
 #: columns every row has, in display order (metrics follow)
 COLUMNS = [
@@ -49,7 +49,7 @@ COLUMNS = [
 ]
 
 
-#: a running step refreshes its heartbeat every 30 s (matsciml.step_recorder.HEARTBEAT_S); one this old means
+#: a running step refreshes its heartbeat every 30 s (matsciml.records.step_recorder.HEARTBEAT_S); one this old means
 #: the process is gone (generous: a long validation batch or checkpoint write must not look like death)
 DIED_AFTER_S = 600.0
 #: shown for a RUNNING/RESUMED record whose process died

@@ -1,0 +1,1 @@
+"""Trained models used outside training: the ASE calculator, batch prediction, and torch-sim."""
