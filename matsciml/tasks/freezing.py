@@ -100,7 +100,7 @@ def _no_match(pattern: str, names: Sequence[str]) -> str:
         for depth in range(1, len(parts) + 1):
             modules.setdefault(".".join(parts[:depth]) + ".*", depth)
     close = difflib.get_close_matches(pattern, [*modules, *names], n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     main = [module for module, depth in modules.items() if depth == 2] or list(modules)
     return (
         f"freeze pattern {pattern!r} matches no parameter of the task{hint} Patterns are fnmatch patterns over "
