@@ -20,6 +20,7 @@ from matsciml.data.composition import fit_references, residual_moments
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.compiled_forces import CompiledForces, unsupported_reason
 from matsciml.tasks.ema import EMAWeightAveraging
+from matsciml.tasks.freezing import check_freeze, freezing_callbacks
 from matsciml.tasks.normalizers import EnergyNormalizer
 from matsciml.tasks.options import (
     check_references,
@@ -79,6 +80,8 @@ class AtomisticTask(pl.LightningModule):
         ema_decay: keep an exponential moving average of the weights with this decay per optimiser
             step (e.g. 0.999); validation, checkpoints and so exports and calculators use it
             (:class:`~matsciml.tasks.ema.EMAWeightAveraging`). ``None``: no average.
+        freeze, unfreeze_after_epochs: parameter name patterns (``model.embedding.*``) kept unchanged while
+            fitting, trained from epoch ``unfreeze_after_epochs`` on (``None``: never); :mod:`matsciml.tasks.freezing`.
     """
 
     task: ClassVar[str]
@@ -107,6 +110,8 @@ class AtomisticTask(pl.LightningModule):
         plateau_factor: float = 0.5,
         plateau_patience: int = 5,
         ema_decay: float | None = None,
+        freeze: list[str] | None = None,
+        unfreeze_after_epochs: int | None = None,
     ):
         super().__init__()
         if isinstance(model, Mapping):
@@ -134,6 +139,10 @@ class AtomisticTask(pl.LightningModule):
         if ema_decay is not None:
             EMAWeightAveraging(ema_decay)  # checks the value now, not when training starts
         self.model = model
+        # not self.freeze: LightningModule.freeze() freezes the whole module
+        self.freeze_patterns, self.unfreeze_after_epochs = check_freeze(
+            freeze, unfreeze_after_epochs, dict(self.named_parameters())
+        )
         self.lr, self.gamma, self.normalize, self.loss_name = lr, gamma, normalize, loss
         self.compile_options = compile_options(compile)
         self.compile_forces = compile_forces(compile)
@@ -315,7 +324,8 @@ class AtomisticTask(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [] if self.ema_decay is None else [EMAWeightAveraging(self.ema_decay)]
+        ema = [] if self.ema_decay is None else [EMAWeightAveraging(self.ema_decay)]
+        return ema + freezing_callbacks(self.freeze_patterns, self.unfreeze_after_epochs)
 
     # -- steps -------------------------------------------------------------------------
     def step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
