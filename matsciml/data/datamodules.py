@@ -90,8 +90,8 @@ class AtomisticDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_path: str | os.PathLike | list[str] | None = None,
-        val_path: str | os.PathLike | list[str] | None = None,
+        train_path: list[str] | str | os.PathLike | None = None,
+        val_path: list[str] | str | os.PathLike | None = None,
         test_path: str | os.PathLike | None = None,
         predict_path: str | os.PathLike | None = None,
         batch_size: int = 8,
