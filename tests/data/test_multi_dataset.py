@@ -262,7 +262,9 @@ def test_a_cli_fit_on_two_weighted_datasets_logs_per_dataset_metrics_and_resumes
 
     kill = {"class_path": "helpers.interrupts.KillAtStep", "init_args": {"step": 6, "marker": str(tmp_path / "k")}}
     interrupted = fit_command(tmp_path / "runs", f"--trainer.callbacks+={json.dumps(kill)}")
-    assert run(interrupted).returncode == -9  # SIGKILL in epoch 1 (steps 5-8), after its second batch: last.ckpt is after the first
+    assert (
+        run(interrupted).returncode == -9
+    )  # SIGKILL in epoch 1 (steps 5-8), after its second batch: last.ckpt is after the first
     run_dir = tmp_path / "runs" / "lightning_logs" / "version_0"
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 5
@@ -277,3 +279,36 @@ def test_a_cli_fit_on_two_weighted_datasets_logs_per_dataset_metrics_and_resumes
         [g["lr"] for g in ours["optimizer_states"][0]["param_groups"]],
         [g["lr"] for g in theirs["optimizer_states"][0]["param_groups"]],
     )
+
+
+@pytest.mark.slow
+def test_a_two_process_gloo_fit_shares_the_weighted_epoch_and_reduces_per_dataset_metrics(tmp_path):
+    from distributed.test_ddp import base_env, run_all
+
+    script = Path(__file__).with_name("multi_dataset_ddp.py")
+    (proc,) = run_all([([sys.executable, str(script), str(tmp_path)], base_env(PYTHONPATH=str(ROOT)))])
+    assert proc.returncode == 0, proc.output[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    datamodule = mixture_module(seed=5, batch_size=4)
+    datamodule.setup("fit")
+    mixture = datamodule.datasets["train"]
+    natoms = mixture.natoms()
+    # the first steps of epoch 0: both ranks' batches together are the draw's first 8 structures per step
+    drawn = mixture.epoch_order(5, 0)
+    for step, (a, b) in enumerate(zip(ranks[0]["planned"], ranks[1]["planned"], strict=True)):
+        assert Counter(a + b) == Counter(drawn[8 * step : 8 * (step + 1)].tolist())
+        assert abs(int(natoms[a].sum()) - int(natoms[b].sum())) <= natoms.max()
+    for r in ranks:  # and they trained on those batches
+        assert r["train_atoms"] == [int(natoms[batch].sum()) for batch in r["planned"]]
+    assert [r["val_batches"] for r in ranks] == [17, 17]  # 50 + 15 structures per rank: 13 + 4 batches of 4
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    # reduced over the ranks: the values of one process validating on every structure once
+    task = S2EFTask(tiny_egnn(), statistics=datamodule.target_statistics)
+    task.load_state_dict(torch.load(tmp_path / "model.ckpt", weights_only=True)["state_dict"])
+    val = S2EFDataModule(val_path=VAL, batch_size=4)
+    reference = quiet_trainer().validate(task, datamodule=val, verbose=False)[0]
+    assert {"val/force_mae", "val/s2ef_val/force_mae", "val/md_val/energy_mae"} <= set(ranks[0]["metrics"])
+    for name, value in ranks[0]["metrics"].items():
+        if name.endswith("/loss"):  # per-batch force means weighted by structures: depends on batch composition
+            continue
+        assert value == pytest.approx(reference[name], rel=1e-5, abs=1e-7), name
