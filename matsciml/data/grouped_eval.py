@@ -10,11 +10,14 @@ so the overall value would be lost.
 
 With DDP each rank takes structures ``rank, rank + world, ...`` of every dataset, without padding;
 every dataset must then have at least one structure per rank, as every rank must log every
-metric name (the reduction at the end of validation is one collective per name).
+metric name, in the same order (the reduction at the end of validation is one collective per name):
+every rank gets the same number of batches of each dataset, in the same order (unless
+``batch_size=1`` with shares of unequal size makes that impossible without padding).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,10 +57,18 @@ class GroupedBatchSampler(DistributedSampler):
         self.batches: list[list[int]] = []
         self.groups: list[str] = []
         for name, start, stop in zip(dataset.names, dataset.offsets[:-1], dataset.offsets[1:], strict=True):
-            share = np.arange(start, stop)[rank::num_replicas].tolist()
-            for first in range(0, len(share), batch_size):
-                self.batches.append(share[first : first + batch_size])
-                self.groups.append(name)
+            share = np.arange(start, stop)[rank::num_replicas]
+            # DDP shares differ by one structure; where the smallest allows it every rank cuts its share into
+            # the same number of batches, so all ranks log the same names in the same order even when
+            # limit_val_batches or the sanity check stops validation partway. One process: batches of
+            # batch_size, as the loader of one dataset makes
+            count = math.ceil(math.ceil((stop - start) / num_replicas) / batch_size)
+            if num_replicas > 1 and count <= (stop - start) // num_replicas:
+                parts = np.array_split(share, count)
+            else:
+                parts = [share[first : first + batch_size] for first in range(0, len(share), batch_size)]
+            self.batches += [part.tolist() for part in parts]
+            self.groups += [name] * len(parts)
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)

@@ -131,9 +131,14 @@ def test_two_ranks_get_disjoint_atom_balanced_shares_of_the_weighted_epoch():
     shares = [GroupedBatchSampler(val, 8, 2, rank) for rank in range(2)]
     assert sorted(i for s in shares for batch in s for i in batch) == list(range(130))
     for share in shares:
+        assert share.groups == shares[0].groups  # every rank logs the same names in the same order
         assert set(share.groups) == {"s2ef_val", "md_val"}
         for batch, group in zip(share, share.groups, strict=True):
             assert {val.names[val.locate(i)[0]] for i in batch} == {group}
+    # 34, 33, 33 structures: 12, 11, 11 batches of 3 would leave ranks 1 and 2 on md_val while rank 0 is not
+    uneven = [GroupedBatchSampler(val, 3, 3, rank) for rank in range(3)]
+    assert sorted(i for s in uneven for batch in s for i in batch) == list(range(130))
+    assert all(s.groups == uneven[0].groups for s in uneven) and max(len(b) for s in uneven for b in s) == 3
 
 
 def test_what_the_data_knows_pools_every_record_of_every_training_dataset_once():
