@@ -247,6 +247,7 @@ class AtomisticDataModule(pl.LightningDataModule):
         )
         # --trainer.overfit_batches: Lightning swaps the sampler for a SequentialSampler, which it can do in
         # a plain DataLoader only; an overfitting run repeats a few batches and has no epoch order to resume
+        # (nor, with several validation datasets, per-dataset metrics)
         overfitting = getattr(self.trainer, "overfit_batches", 0) if self.trainer is not None else 0
         if split == "train" and not overfitting:
             # one process or many, the order of epoch e is a permutation seeded by (seed, e) (Lightning sets
@@ -258,7 +259,7 @@ class AtomisticDataModule(pl.LightningDataModule):
                 dataset, self.batch_size, world, rank, natoms=natoms, shuffle=shuffle, seed=self.seed, draw=draw
             )
             return BatchSamplerLoader(dataset, batch_sampler=sampler, **common)
-        if isinstance(dataset, MixtureDataset):  # batches of one dataset each, for per-dataset metrics
+        if split == "val" and isinstance(dataset, MixtureDataset) and not overfitting:  # per-dataset metrics
             grouped = GroupedBatchSampler(dataset, self.batch_size, world, rank)
             return DistributedBatchLoader(dataset, batch_sampler=grouped, **common)
         if world == 1:

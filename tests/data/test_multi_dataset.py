@@ -24,6 +24,7 @@ from matsciml.data.formats.card import DatasetStatistics
 from matsciml.data.grouped_eval import GroupedBatchSampler
 from matsciml.data.mixture import MixtureDataset, epoch_counts
 from matsciml.data.samplers import AtomBalancedBatchSampler
+from matsciml.records.provenance import load_record, load_schema
 from matsciml.tasks import S2EFTask
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,6 +140,17 @@ def test_two_ranks_get_disjoint_atom_balanced_shares_of_the_weighted_epoch():
     uneven = [GroupedBatchSampler(val, 3, 3, rank) for rank in range(3)]
     assert sorted(i for s in uneven for batch in s for i in batch) == list(range(130))
     assert all(s.groups == uneven[0].groups for s in uneven) and max(len(b) for s in uneven for b in s) == 3
+
+
+@pytest.mark.filterwarnings("ignore:You requested to overfit:UserWarning")
+@pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+def test_overfit_batches_still_trains_on_several_datasets():
+    # Lightning swaps the train sampler for a SequentialSampler when overfitting: a plain loader, as for one dataset
+    datamodule = mixture_module(val_path=VAL)
+    task = S2EFTask(tiny_egnn(), statistics=datamodule.target_statistics)
+    trainer = quiet_trainer(max_epochs=2, overfit_batches=2)
+    trainer.fit(task, datamodule=datamodule)
+    assert trainer.global_step == 4
 
 
 def test_what_the_data_knows_pools_every_record_of_every_training_dataset_once():
@@ -264,6 +276,14 @@ def test_a_cli_fit_on_two_weighted_datasets_logs_per_dataset_metrics_and_resumes
         assert [row[name] for row in rows if row.get(name)], name
     hparams = (reference_dir / "hparams.yaml").read_text()
     assert "weights" in hparams and "md/train" in hparams
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (the test extra has it)")
+    record = load_record(reference_dir)  # the run's record lists every dataset, each with its digest
+    jsonschema.validate(record, load_schema(), format_checker=jsonschema.FormatChecker())
+    inputs = [(i["role"], Path(i["path"]).parent.name) for i in record["inputs"] if i["kind"] == "dataset"]
+    assert inputs[:4] == [("data.train_path", "s2ef"), ("data.train_path", "md")] + [
+        ("data.val_path", "s2ef"),
+        ("data.val_path", "md"),
+    ]
 
     kill = {"class_path": "helpers.interrupts.KillAtStep", "init_args": {"step": 6, "marker": str(tmp_path / "k")}}
     interrupted = fit_command(tmp_path / "runs", f"--trainer.callbacks+={json.dumps(kill)}")
