@@ -3,6 +3,7 @@
 ``setup(stage)`` opens only the splits that stage needs; graphs (or point clouds) are
 built per record in the DataLoader workers, so ``num_workers`` parallelises the whole
 pipeline. ``from_devset()`` gives laptop-sized defaults over the shipped devsets.
+Training and validation may each be several datasets (:mod:`matsciml.data.mixture`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ from matsciml.data.batch import collate
 from matsciml.data.datasets import IS2REDataset, LMDBDataset, S2EFDataset, Transform
 from matsciml.data.devsets import DEVSETS, devset_path
 from matsciml.data.formats.card import DatasetStatistics, stale_statistics
+from matsciml.data.grouped_eval import GroupedBatchSampler
 from matsciml.data.min_distance import DEFAULT_MIN_DISTANCE, MinDistance, check_min_distance_setting
+from matsciml.data.mixture import MixtureDataset, check_weights, dataset_names, open_datasets, split_paths
 from matsciml.data.neighbors import DEFAULT_CUTOFF, DEFAULT_MAX_NEIGHBORS, RadiusGraph
 from matsciml.data.pointcloud import DEFAULT_NUM_SPECIES, DEFAULT_NUM_SUBSURFACE, PointCloudCollate, PointCloudSample
+from matsciml.data.pooled_card import pool_cards
 from matsciml.data.progress import progress_bar
 from matsciml.data.samplers import (
     AtomBalancedBatchSampler,
     BatchSamplerLoader,
+    DistributedBatchLoader,
     UnpaddedDistributedSampler,
     distributed_context,
 )
@@ -42,7 +47,8 @@ class AtomisticDataModule(pl.LightningDataModule):
     """Shared logic of :class:`S2EFDataModule` and :class:`IS2REDataModule`.
 
     Args:
-        train_path, val_path, test_path, predict_path: dataset file or directory per split.
+        train_path, val_path, test_path, predict_path: dataset file or directory per split;
+            ``train_path`` and ``val_path`` may list several datasets of this task (see ``weights``, ``names``).
         batch_size: structures per batch.
         num_workers: DataLoader worker processes (0 reads in the main process).
         representation: ``"graph"`` (radius graph) or ``"point_cloud"`` (padded clouds).
@@ -69,6 +75,14 @@ class AtomisticDataModule(pl.LightningDataModule):
         min_distance: a record with two atoms closer than this (Å, periodic images included) is
             refused with its file, record and atom indices (``0``: no check); see
             :mod:`matsciml.data.min_distance`. Atoms without neighbours are valid.
+        weights: with several ``train_path`` datasets, the fraction of each training epoch drawn from
+            each (normalised to sum to one; an epoch has as many structures as all of them together;
+            :mod:`matsciml.data.mixture`); ``None``: every record once per epoch. Species, target
+            statistics and composition sums pool every record of every training dataset once, whatever
+            the weights (:mod:`matsciml.data.pooled_card`).
+        names: with several ``val_path`` datasets, the name of each in its metrics ``val/<name>/<metric>``
+            (default: the folder names); ``val/<metric>`` stays the value over all of them
+            (:mod:`matsciml.data.grouped_eval`).
     """
 
     task: ClassVar[str]
@@ -76,8 +90,8 @@ class AtomisticDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_path: str | os.PathLike | None = None,
-        val_path: str | os.PathLike | None = None,
+        train_path: list[str] | str | os.PathLike | None = None,
+        val_path: list[str] | str | os.PathLike | None = None,
         test_path: str | os.PathLike | None = None,
         predict_path: str | os.PathLike | None = None,
         batch_size: int = 8,
@@ -95,6 +109,8 @@ class AtomisticDataModule(pl.LightningDataModule):
         balanced: bool = True,
         graph_backend: Literal["native", "dgl", "pyg"] = "native",
         min_distance: float = DEFAULT_MIN_DISTANCE,
+        weights: list[float] | None = None,
+        names: list[str] | None = None,
     ):
         super().__init__()
         self.min_distance = check_min_distance_setting(min_distance)
@@ -112,10 +128,17 @@ class AtomisticDataModule(pl.LightningDataModule):
             )
         self.graph_backend = graph_backend
         # plain strings: hyperparameters go into checkpoints, which load with weights_only=True
-        train_path, val_path, test_path, predict_path = (
-            None if p is None else os.fspath(p) for p in (train_path, val_path, test_path, predict_path)
-        )
+        train_path, val_path = split_paths("train_path", train_path), split_paths("val_path", val_path)
+        test_path, predict_path = (None if p is None else os.fspath(p) for p in (test_path, predict_path))
         self.paths = {"train": train_path, "val": val_path, "test": test_path, "predict": predict_path}
+        self.weights = check_weights(weights, train_path)
+        if names is not None and not isinstance(val_path, list):
+            raise ValueError("names name the datasets of a val_path list; val_path is one dataset (or none)")
+        self.names = {
+            split: dataset_names(paths, names if split == "val" else None, f"{split}_path")
+            for split, paths in (("train", train_path), ("val", val_path))
+            if isinstance(paths, list)
+        }
         if all(p is None for p in self.paths.values()):
             raise ValueError(
                 "give at least one of train_path, val_path, test_path, predict_path (or use from_devset())"
@@ -199,7 +222,15 @@ class AtomisticDataModule(pl.LightningDataModule):
             path = self.paths[split]
             if path is None or split in self.datasets:
                 continue
-            self.datasets[split] = self.dataset_class(path, transforms=self.record_transforms())
+            if isinstance(path, list):  # several datasets of this task, read as one split
+                parts = open_datasets(f"{split}_path", path, self.task, self._open)
+                weights = self.weights if split == "train" else None
+                self.datasets[split] = MixtureDataset(parts, self.names[split], weights)
+            else:
+                self.datasets[split] = self._open(path)
+
+    def _open(self, path: str) -> LMDBDataset:
+        return self.dataset_class(path, transforms=self.record_transforms())
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if split not in self.datasets:
@@ -216,16 +247,21 @@ class AtomisticDataModule(pl.LightningDataModule):
         )
         # --trainer.overfit_batches: Lightning swaps the sampler for a SequentialSampler, which it can do in
         # a plain DataLoader only; an overfitting run repeats a few batches and has no epoch order to resume
+        # (nor, with several validation datasets, per-dataset metrics)
         overfitting = getattr(self.trainer, "overfit_batches", 0) if self.trainer is not None else 0
         if split == "train" and not overfitting:
             # one process or many, the order of epoch e is a permutation seeded by (seed, e) (Lightning sets
             # the epoch), and the loader is stateful: a checkpoint taken mid-epoch resumes at the next batch.
             # One process has nothing to balance: natoms=None keeps the permutation's consecutive batches.
             natoms = dataset.natoms() if self.balanced and world > 1 else None
+            draw = dataset if isinstance(dataset, MixtureDataset) else None  # the weighted draw of each epoch
             sampler = AtomBalancedBatchSampler(
-                dataset, self.batch_size, world, rank, natoms=natoms, shuffle=shuffle, seed=self.seed
+                dataset, self.batch_size, world, rank, natoms=natoms, shuffle=shuffle, seed=self.seed, draw=draw
             )
             return BatchSamplerLoader(dataset, batch_sampler=sampler, **common)
+        if split == "val" and isinstance(dataset, MixtureDataset) and not overfitting:  # per-dataset metrics
+            grouped = GroupedBatchSampler(dataset, self.batch_size, world, rank)
+            return DistributedBatchLoader(dataset, batch_sampler=grouped, **common)
         if world == 1:
             return DataLoader(dataset, batch_size=self.batch_size, **common)
         # loaders Lightning keeps as they are (their samplers are ``DistributedSampler`` subclasses)
@@ -246,28 +282,18 @@ class AtomisticDataModule(pl.LightningDataModule):
 
     # -- what the data knows (linked into models by the CLI) ---------------------------
     def _card(self) -> dict | None:
-        """The first available split's card; for files without one (OC20), an estimate.
-
-        Cards written before the composition sums and free-atom force statistics existed (the
-        shipped devsets') are recomputed from every record of that split, once, in one pass.
-        """
+        """The first available split's card (pooled over its datasets, :func:`dataset_card`)."""
         for split in ("train", "val", "test", "predict"):
             if self.paths[split] is not None:
                 self.setup({"train": "fit", "val": "validate"}.get(split, split))
-                dataset = self.datasets[split]
-                if dataset.metadata is not None and not stale_statistics(dataset.metadata):
-                    return dataset.metadata
                 if self._sampled_card is None:
-                    if dataset.metadata is None:
-                        self._sampled_card = sampled_card(dataset, self.statistics_sample, self.seed)
-                    else:
-                        self._sampled_card = {**dataset.metadata, **sampled_card(dataset, len(dataset), self.seed)}
+                    self._sampled_card = dataset_card(self.datasets[split], self.statistics_sample, self.seed)
                 return self._sampled_card
         return None
 
     @property
     def species(self) -> list[int] | None:
-        """Atomic numbers present in the first available split, from its metadata card."""
+        """Atomic numbers present in the first available split (all its datasets), from the metadata cards."""
         card = self._card()
         return None if card is None else sorted(int(z) for z in card["elements"])
 
@@ -297,6 +323,22 @@ class AtomisticDataModule(pl.LightningDataModule):
         """Atom counts of a split, from its metadata (for balanced batching)."""
         self.setup({"train": "fit", "val": "validate"}.get(split, split))
         return self.datasets[split].natoms()
+
+
+def dataset_card(dataset: LMDBDataset | MixtureDataset, sample: int, seed: int) -> dict:
+    """A dataset's card; for files without one (OC20), an estimate from ``sample`` records; for a
+    mixture, the cards of its datasets pooled (:func:`~matsciml.data.pooled_card.pool_cards`).
+
+    Cards written before the composition sums and free-atom force statistics existed (the
+    shipped devsets') are recomputed from every record of that dataset, once, in one pass.
+    """
+    if isinstance(dataset, MixtureDataset):
+        return pool_cards([dataset_card(part, sample, seed) for part in dataset.datasets])
+    if dataset.metadata is not None and not stale_statistics(dataset.metadata):
+        return dataset.metadata
+    if dataset.metadata is None:
+        return sampled_card(dataset, sample, seed)
+    return {**dataset.metadata, **sampled_card(dataset, len(dataset), seed)}
 
 
 def sampled_card(dataset: LMDBDataset, sample: int, seed: int) -> dict:

@@ -29,7 +29,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["AtomBalancedBatchSampler", "BatchSamplerLoader", "UnpaddedDistributedSampler", "distributed_context"]
+__all__ = [
+    "AtomBalancedBatchSampler",
+    "BatchSamplerLoader",
+    "DistributedBatchLoader",
+    "UnpaddedDistributedSampler",
+    "distributed_context",
+]
 
 
 def distributed_context(trainer: Any = None) -> tuple[int, int] | None:
@@ -100,6 +106,10 @@ class AtomBalancedBatchSampler(DistributedSampler):
     Without atom counts (``natoms=None``, e.g. legacy OC20 files without metadata) the same scheme runs
     with equal-size splits: plain shuffled batches.
 
+    ``draw``: an object whose ``epoch_order(seed, epoch, shuffle)`` gives the epoch's ``len(dataset)``
+    indices in place of the permutation (the weighted draw of a
+    :class:`~matsciml.data.mixture.MixtureDataset`); steps, balance and resume are the same.
+
     Set ``set_epoch(epoch)`` every epoch (Lightning does) for a new order. To resume mid-epoch, set
     ``start_batch`` (or ``load_state_dict(state_dict())``): the next iteration of that epoch skips the
     batches already done; :class:`BatchSamplerLoader` tracks this for Lightning's checkpoints.
@@ -117,6 +127,7 @@ class AtomBalancedBatchSampler(DistributedSampler):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        draw: Any = None,
     ):
         _check_rank(num_replicas, rank)
         if batch_size < 1:
@@ -130,13 +141,18 @@ class AtomBalancedBatchSampler(DistributedSampler):
             if natoms.shape != (self.size,):
                 raise ValueError(f"natoms has shape {natoms.shape}, expected ({self.size},)")
         self.natoms = natoms
+        self.draw = draw
         self.batch_size = batch_size
         self.start_batch = 0
         self._start_epoch: int | None = None  # epoch that start_batch applies to (None: the current one)
 
     # -- the plan of one epoch ------------------------------------------------------------------
     def _order(self) -> np.ndarray:
-        if self.shuffle:
+        if self.draw is not None:
+            order = np.asarray(self.draw.epoch_order(self.seed, self.epoch, self.shuffle), dtype=np.int64)
+            if order.shape != (self.size,):
+                raise ValueError(f"the epoch draw has shape {order.shape}, expected ({self.size},)")
+        elif self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
         else:
             order = np.arange(self.size)
@@ -193,19 +209,12 @@ class AtomBalancedBatchSampler(DistributedSampler):
         self._start_epoch = self.epoch
 
 
-class BatchSamplerLoader(DataLoader):
-    """A DataLoader over an :class:`AtomBalancedBatchSampler`, resumable mid-epoch under Lightning.
+class DistributedBatchLoader(DataLoader):
+    """A DataLoader whose ``sampler`` attribute is its batch sampler when that is a ``DistributedSampler``.
 
-    Its ``sampler`` attribute is the batch sampler (a ``DistributedSampler``), which tells Lightning the
-    loader is already distributed, so it neither injects its padding ``DistributedSampler`` nor tries
-    to rebuild the batch sampler; ``set_epoch`` reaches the batch sampler. ``state_dict()`` records the
-    batches consumed in the current epoch (Lightning stores it in checkpoints taken mid-epoch);
-    ``load_state_dict()`` makes the next iteration of that epoch start after them.
+    That tells Lightning the loader is already distributed, so it neither injects its padding
+    ``DistributedSampler`` nor tries to rebuild the batch sampler; ``set_epoch`` reaches the batch sampler.
     """
-
-    def __init__(self, dataset, batch_sampler: AtomBalancedBatchSampler, **kwargs):
-        self._consumed = 0
-        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
 
     @property
     def sampler(self):  # type: ignore[override]
@@ -215,6 +224,19 @@ class BatchSamplerLoader(DataLoader):
     @sampler.setter
     def sampler(self, value) -> None:  # DataLoader.__init__ assigns a SequentialSampler; keep it aside
         self.__dict__["_sampler"] = value
+
+
+class BatchSamplerLoader(DistributedBatchLoader):
+    """A DataLoader over an :class:`AtomBalancedBatchSampler`, resumable mid-epoch under Lightning.
+
+    Lightning leaves it as it is (:class:`DistributedBatchLoader`). ``state_dict()`` records the
+    batches consumed in the current epoch (Lightning stores it in checkpoints taken mid-epoch);
+    ``load_state_dict()`` makes the next iteration of that epoch start after them.
+    """
+
+    def __init__(self, dataset, batch_sampler: AtomBalancedBatchSampler, **kwargs):
+        self._consumed = 0
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
 
     def __iter__(self):
         self._consumed = (

@@ -123,8 +123,8 @@ class StepRecorder(pl.Callback):
             world_size=trainer.world_size,
         )
         datamodule = trainer.datamodule
-        for split, path in (getattr(datamodule, "paths", None) or {}).items():
-            if path is not None:
+        for split, paths in (getattr(datamodule, "paths", None) or {}).items():
+            for path in paths if isinstance(paths, list) else [] if paths is None else [paths]:  # several datasets
                 record.add_input(f"data.{split}_path", path, kind="dataset", digest=self._dataset_digest(path))
         record.data["links"].update(_logger_links(trainer, record.data["run_id"]))
         self.record = record

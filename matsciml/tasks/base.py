@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
 from matsciml.data.composition import fit_references, residual_moments
+from matsciml.data.grouped_eval import validation_group
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.compiled_forces import CompiledForces, unsupported_reason
 from matsciml.tasks.ema import EMAWeightAveraging
@@ -332,20 +333,22 @@ class AtomisticTask(pl.LightningModule):
         """The loss (normalised units) and metrics ``name: (value in eV units, weight)``."""
         raise NotImplementedError
 
-    def _run(self, batch: Batch, stage: str) -> torch.Tensor:
+    def _run(self, batch: Batch, stage: str, group: str | None = None) -> torch.Tensor:
         batch = as_batch(batch)  # DGL / PyG batches (graph_backend) become ours once, here
         loss, metrics = self.step(batch)
         metrics["loss"] = (loss, batch.num_structures)
         if stage == "train":  # baselines are data properties: report them where models are judged
             metrics = {k: v for k, v in metrics.items() if not k.endswith("_baseline")}
         self.log_metrics(stage, metrics)
+        if group is not None:  # one of several validation datasets: its own metrics as well
+            self.log_metrics(f"{stage}/{group}", metrics)
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._run(batch, "train")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._run(batch, "val")
+        self._run(batch, "val", validation_group(self._trainer, batch_idx))
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._run(batch, "test")
