@@ -144,9 +144,10 @@ def test_nve_conserves_energy_as_well_as_ase_velocity_verlet(checkpoint):
         dyn.run(steps)
         ase_drift.append(np.abs(np.array(ase_totals[1:]) - ase_totals[0]).max())
     ase_drift = np.array(ase_drift)
-    # the same integrator on the same surface: drifts agree to a margin, and both are small
-    np.testing.assert_array_less(torch_sim_drift, 1.5 * ase_drift + 1e-6)
-    np.testing.assert_array_less(torch_sim_drift, 0.02 * np.array(kinetic_start))
+    # the same integrator on the same surface: drifts agree to a margin (measured: 2e-8 to 4e-7 eV
+    # on both paths, equal to three digits), and are small against the kinetic energy (~2-3 eV)
+    np.testing.assert_array_less(torch_sim_drift, 1.5 * ase_drift + 1e-9)
+    np.testing.assert_array_less(torch_sim_drift, 1e-3 * np.array(kinetic_start))
 
 
 def test_refuses_elements_the_model_never_saw(checkpoint):
