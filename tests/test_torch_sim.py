@@ -72,6 +72,19 @@ def test_energy_forces_and_stress_match_the_ase_calculator(checkpoint, dtype, at
         start = end
 
 
+def test_molecules_without_a_cell_match_the_calculator_and_have_no_stress(checkpoint):
+    water = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], pbc=False)
+    ammonia = Atoms("NH3", positions=[[0, 0, 0], [1.01, 0, 0], [-0.34, 0.95, 0], [-0.34, -0.47, 0.82]], pbc=False)
+    model = MatSciMLModel.from_checkpoint(checkpoint, dtype="float64")
+    out = model(ts.io.atoms_to_state([water, ammonia], model.device, model.dtype))
+    assert bool(out["stress"].isnan().all())  # stress is undefined without a cell
+    calc = MatSciMLCalculator.from_checkpoint(checkpoint, dtype="float64")
+    for index, (atoms, rows) in enumerate([(water, slice(0, 3)), (ammonia, slice(3, 7))]):
+        atoms.calc = calc
+        assert float(out["energy"][index]) == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+        np.testing.assert_allclose(out["forces"][rows].numpy(), atoms.get_forces(), atol=1e-9)
+
+
 def test_passes_torch_sims_own_interface_checks():
     from torch_sim.models.interface import validate_model_outputs
 
