@@ -20,6 +20,13 @@ from matsciml.data.composition import fit_references, residual_moments
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.compiled_forces import CompiledForces, unsupported_reason
 from matsciml.tasks.ema import EMAWeightAveraging
+from matsciml.tasks.init_from import (
+    check_settings,
+    initialise_from_parent,
+    parameter_groups,
+    restore_report,
+    save_report,
+)
 from matsciml.tasks.normalizers import EnergyNormalizer
 from matsciml.tasks.options import (
     check_references,
@@ -79,6 +86,11 @@ class AtomisticTask(pl.LightningModule):
         ema_decay: keep an exponential moving average of the weights with this decay per optimiser
             step (e.g. 0.999); validation, checkpoints and so exports and calculators use it
             (:class:`~matsciml.tasks.ema.EMAWeightAveraging`). ``None``: no average.
+        init_from: fine-tune: a checkpoint, run folder or exported package whose weights are loaded by
+            name and shape into this task's model at the start of its fit (:mod:`matsciml.tasks.init_from`).
+        keep_parent_references: with ``init_from``, keep the parent's element references (fit only
+            elements it lacks) instead of refitting them on the new data (:mod:`matsciml.tasks.parent_normalizer`).
+        pretrained_lr: with ``init_from``, the learning rate of the loaded parameters (new ones use ``lr``).
     """
 
     task: ClassVar[str]
@@ -107,6 +119,9 @@ class AtomisticTask(pl.LightningModule):
         plateau_factor: float = 0.5,
         plateau_patience: int = 5,
         ema_decay: float | None = None,
+        init_from: str | None = None,
+        keep_parent_references: bool = False,
+        pretrained_lr: float | None = None,
     ):
         super().__init__()
         if isinstance(model, Mapping):
@@ -133,6 +148,9 @@ class AtomisticTask(pl.LightningModule):
         self.ema_decay = ema_decay
         if ema_decay is not None:
             EMAWeightAveraging(ema_decay)  # checks the value now, not when training starts
+        self.init_from = check_settings(init_from, keep_parent_references, pretrained_lr, element_references)
+        self.keep_parent_references, self.pretrained_lr = bool(keep_parent_references), pretrained_lr
+        self.init_report: dict[str, Any] | None = None  # set when the parent is loaded, or from a checkpoint
         self.model = model
         self.lr, self.gamma, self.normalize, self.loss_name = lr, gamma, normalize, loss
         self.compile_options = compile_options(compile)
@@ -154,6 +172,7 @@ class AtomisticTask(pl.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         # a plain-data spec, so a checkpoint rebuilds the model without pickled objects
         self.hparams["model"] = model.spec()
+        self.hparams["init_from"] = self.init_from
 
     # -- normalisation ---------------------------------------------------------------
     def normalizer_settings(self, statistics: Mapping[str, Any]) -> tuple[float, float]:
@@ -302,7 +321,9 @@ class AtomisticTask(pl.LightningModule):
         return monitor
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.init_from is not None and self.init_report is None:  # after Lightning restored a resumed run
+            self.init_report = initialise_from_parent(self)
+        optimizer = torch.optim.Adam(parameter_groups(self), lr=self.lr)
         if self.scheduler == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=self.plateau_factor, patience=self.plateau_patience
@@ -313,6 +334,12 @@ class AtomisticTask(pl.LightningModule):
             exponential = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.gamma)
             lr_scheduler = {"scheduler": exponential, "interval": "epoch"}
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_report(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_report(self, checkpoint)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [] if self.ema_decay is None else [EMAWeightAveraging(self.ema_decay)]
