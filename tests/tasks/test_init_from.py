@@ -26,6 +26,7 @@ from matsciml.cli.app import main
 from matsciml.data import S2EFDataModule
 from matsciml.data.formats.store import DatasetWriter
 from matsciml.tasks import S2EFTask
+from matsciml.tasks.ema import EMAWeightAveraging
 
 ROOT = Path(__file__).resolve().parents[2]
 PARENT_DATA = [("Cu", "H"), ("Pd", "N"), ("Au", "H"), ("Cu", "N"), ("Pd", "H"), ("Au", "N")]
@@ -235,7 +236,21 @@ def test_cli_fine_tune_resumes_validates_and_exports_without_the_parent(tmp_path
     checkpoint = read_checkpoint(last)
     assert checkpoint["epoch"] == 1
     groups = checkpoint["optimizer_states"][0]["param_groups"]
-    assert [(g["name"], round(g["initial_lr"], 8)) for g in groups] == [("pretrained", 1e-4), ("new", 0.003)]
+    assert [(g["name"], g["initial_lr"]) for g in groups] == [("pretrained", 1e-4), ("new", 0.003)]
+    for group in groups:  # ExponentialLR (gamma 0.95 in the config) stepped both, once per epoch
+        assert group["lr"] == pytest.approx(group["initial_lr"] * 0.95**2)
     assert main(["validate", *QUICK, f"--ckpt_path={last}", f"--trainer.default_root_dir={tmp_path / 'v'}"]) == 0
     package = export_package(last, tmp_path / "tuned")
     assert load_model(package).init_from == str(parent)
+
+
+def test_the_weight_average_starts_from_the_parent(parent, new_data):
+    # Lightning copies the task into the average when the fit begins, before the parent is loaded; until the
+    # first update, validation (the sanity check) runs on the average, which must be the parent's weights
+    torch.manual_seed(3)
+    task = S2EFTask(tiny_egnn(num_species=79, num_layers=2), init_from=str(parent), ema_decay=0.9)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=0, limit_val_batches=1, num_sanity_val_steps=1)
+    trainer.fit(task, datamodule(new_data[0]))
+    (ema,) = [c for c in trainer.callbacks if isinstance(c, EMAWeightAveraging)]
+    average = ema._average_model.module.state_dict()
+    assert torch.equal(average["model.embedding.weight"], parent_state(parent)["model.embedding.weight"])
