@@ -74,7 +74,7 @@ def species_axes(module: nn.Module) -> dict[str, SpeciesAxis]:
         if declare is None:
             continue
         declared = declare()
-        own = owner.state_dict(keep_vars=True)
+        own = owner.state_dict(keep_vars=True) if declared else {}
         for name, axis in declared.items():
             if name not in own or not isinstance(axis, SpeciesAxis):
                 raise ValueError(

@@ -18,15 +18,9 @@ from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
 from matsciml.data.composition import fit_references, residual_moments
 from matsciml.models.base import AbstractEnergyModel
+from matsciml.tasks import init_from as parent_init
 from matsciml.tasks.compiled_forces import CompiledForces, unsupported_reason
 from matsciml.tasks.ema import EMAWeightAveraging
-from matsciml.tasks.init_from import (
-    check_settings,
-    initialise_from_parent,
-    parameter_groups,
-    restore_report,
-    save_report,
-)
 from matsciml.tasks.normalizers import EnergyNormalizer
 from matsciml.tasks.options import (
     check_references,
@@ -86,11 +80,9 @@ class AtomisticTask(pl.LightningModule):
         ema_decay: keep an exponential moving average of the weights with this decay per optimiser
             step (e.g. 0.999); validation, checkpoints and so exports and calculators use it
             (:class:`~matsciml.tasks.ema.EMAWeightAveraging`). ``None``: no average.
-        init_from: fine-tune: a checkpoint, run folder or exported package whose weights are loaded by
-            name and shape into this task's model at the start of its fit (:mod:`matsciml.tasks.init_from`).
-        keep_parent_references: with ``init_from``, keep the parent's element references (fit only
-            elements it lacks) instead of refitting them on the new data (:mod:`matsciml.tasks.parent_normalizer`).
-        pretrained_lr: with ``init_from``, the learning rate of the loaded parameters (new ones use ``lr``).
+        init_from, keep_parent_references, pretrained_lr: fine-tuning (:mod:`matsciml.tasks.init_from`): a
+            checkpoint, run folder or package whose weights the fit starts from; keep the parent's element
+            references (else refit on the new data); the learning rate of the loaded parameters.
     """
 
     task: ClassVar[str]
@@ -148,9 +140,7 @@ class AtomisticTask(pl.LightningModule):
         self.ema_decay = ema_decay
         if ema_decay is not None:
             EMAWeightAveraging(ema_decay)  # checks the value now, not when training starts
-        self.init_from = check_settings(init_from, keep_parent_references, pretrained_lr, element_references)
-        self.keep_parent_references, self.pretrained_lr = bool(keep_parent_references), pretrained_lr
-        self.init_report: dict[str, Any] | None = None  # set when the parent is loaded, or from a checkpoint
+        parent_init.set_settings(self, init_from, keep_parent_references, pretrained_lr, element_references)
         self.model = model
         self.lr, self.gamma, self.normalize, self.loss_name = lr, gamma, normalize, loss
         self.compile_options = compile_options(compile)
@@ -322,8 +312,8 @@ class AtomisticTask(pl.LightningModule):
 
     def configure_optimizers(self):
         if self.init_from is not None and self.init_report is None:  # after Lightning restored a resumed run
-            self.init_report = initialise_from_parent(self)
-        optimizer = torch.optim.Adam(parameter_groups(self), lr=self.lr)
+            self.init_report = parent_init.initialise_from_parent(self)
+        optimizer = torch.optim.Adam(parent_init.parameter_groups(self), lr=self.lr)
         if self.scheduler == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=self.plateau_factor, patience=self.plateau_patience
@@ -336,10 +326,10 @@ class AtomisticTask(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_report(self, checkpoint)
+        parent_init.save_report(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_report(self, checkpoint)
+        parent_init.restore_report(self, checkpoint)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [] if self.ema_decay is None else [EMAWeightAveraging(self.ema_decay)]

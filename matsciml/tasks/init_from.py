@@ -42,10 +42,15 @@ REPORT_KEYS = ("loaded", "extended", "new", "dropped")
 CHECKPOINT_KEY = "matsciml_init_report"
 
 
-def check_settings(
-    init_from: Any, keep_parent_references: bool, pretrained_lr: float | None, element_references: Any
-) -> str | None:
-    """The ``init_from`` path as a string, with its companion settings checked (errors name the fix)."""
+def set_settings(
+    task: AtomisticTask,
+    init_from: Any,
+    keep_parent_references: bool,
+    pretrained_lr: float | None,
+    element_references: Any,
+) -> None:
+    """Check the fine-tuning settings (errors name the fix) and keep them on ``task``: ``init_from`` as a
+    string, and ``init_report = None`` until the parent is loaded (or a checkpoint brings the report)."""
     if init_from is not None and not isinstance(init_from, str | os.PathLike):
         raise TypeError(f"init_from must be the path of a checkpoint or an exported package, got {init_from!r}")
     if pretrained_lr is not None:
@@ -58,7 +63,9 @@ def check_settings(
             "keep_parent_references keeps the parent's element references, but element_references gives "
             "others; set one of the two"
         )
-    return None if init_from is None else os.fspath(init_from)
+    task.init_from = None if init_from is None else os.fspath(init_from)
+    task.keep_parent_references, task.pretrained_lr = bool(keep_parent_references), pretrained_lr
+    task.init_report = None
 
 
 def is_package(path: Path) -> bool:

@@ -16,7 +16,9 @@ energy of every element, so per-element references are refit on the new training
 * ``element_references`` given as a dict: those, and the shift re-derived as above.
 
 The mean-energy baseline metric takes the new data's mean. Without statistics of the new data the
-parent's normaliser stays as it is.
+parent's normaliser stays as it is. A parent trained on the other task (S2EF total energies for an
+IS2RE adsorption-energy fine-tune, or the reverse) passes on only its scale: its shift is per atom or
+per structure and its references are for total energies, so both start again from the new data.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ def refit_normalizer(
 ) -> str:
     """Refit ``task.normalizer`` (holding the parent's buffers) on the new data; returns what it did."""
     normalizer = task.normalizer
+    if bool(normalizer.per_atom) != task.extensive:  # the parent trained the other task (IS2RE <-> S2EF):
+        # its shift is per atom or per structure, its references were for total energies; neither carries over
+        normalizer.per_atom.fill_(task.extensive)
+        normalizer.shift.zero_()
+        normalizer.set_references({})
     if not statistics:
         rank_zero_warn("matsciml: init_from without statistics of the new training data: the parent's normaliser stays")
         return f"the parent's ({normalizer.extra_repr()})"

@@ -23,9 +23,9 @@ from matsciml.artifacts.export import export_package, load_model
 from matsciml.artifacts.model_loading import read_checkpoint
 from matsciml.artifacts.trust import UntrustedClassError
 from matsciml.cli.app import main
-from matsciml.data import S2EFDataModule
+from matsciml.data import IS2REDataModule, S2EFDataModule
 from matsciml.data.formats.store import DatasetWriter
-from matsciml.tasks import S2EFTask
+from matsciml.tasks import IS2RETask, S2EFTask
 from matsciml.tasks.ema import EMAWeightAveraging
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,6 +178,16 @@ def test_keep_parent_references_fits_only_the_elements_the_parent_lacks(parent, 
     free = [i for i, z in enumerate(elements) if z not in PARENT_SPECIES]
     centred = fractions[:, free] - fractions[:, free].mean(0)
     np.testing.assert_allclose(centred.T @ (residual - shift), 0.0, atol=1e-8)
+
+
+def test_an_s2ef_parent_passes_only_its_scale_to_an_is2re_fine_tune(parent):
+    # OC20's classic route: pretrain on S2EF, fine-tune on IS2RE; adsorption energies take no element references
+    data = IS2REDataModule.from_devset(batch_size=4, cutoff=6.0)
+    task = load_only(IS2RETask(tiny_egnn(num_layers=2), init_from=str(parent)), data)
+    normalizer, statistics = task.normalizer, data.target_statistics["relaxed_energy"]
+    assert not bool(normalizer.per_atom) and normalizer.reference_energies() == {}
+    assert float(normalizer.shift) == pytest.approx(statistics["mean"])
+    assert torch.equal(normalizer.scale, parent_state(parent)["normalizer.scale"])
 
 
 def test_pretrained_and_new_parameters_train_at_their_own_rates(parent, new_data):
