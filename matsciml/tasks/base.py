@@ -312,7 +312,7 @@ class AtomisticTask(pl.LightningModule):
 
     def configure_optimizers(self):
         if self.init_from is not None and self.init_report is None:  # after Lightning restored a resumed run
-            self.init_report = parent_init.initialise_from_parent(self)
+            parent_init.initialise_from_parent(self)
         optimizer = torch.optim.Adam(parent_init.parameter_groups(self), lr=self.lr)
         if self.scheduler == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -167,8 +167,9 @@ def training_statistics(task: AtomisticTask) -> Mapping[str, Any] | None:
 
 
 def initialise_from_parent(task: AtomisticTask) -> dict[str, Any]:
-    """Load ``task.init_from`` into ``task`` (its normaliser refit on :func:`training_statistics`);
-    returns the init report, also printed."""
+    """Load ``task.init_from`` into ``task`` (its normaliser refit on :func:`training_statistics`) and set
+    ``task.init_report``, also printed and returned. A fit calls it as it configures the optimiser; call it
+    yourself to use the initialised task before (or without) a fit."""
     statistics = training_statistics(task)
     parent = read_parent(task.init_from)
     merged, lists = match_weights(
@@ -180,7 +181,7 @@ def initialise_from_parent(task: AtomisticTask) -> dict[str, Any]:
     task.species = task.hparams["species"] = species
     task._check_species()
     normaliser = refit_normalizer(task, parent.species, statistics)
-    report = {"parent": str(task.init_from), **lists}
+    report = task.init_report = {"parent": str(task.init_from), **lists}
     rank_zero_info(summary(report))
     rank_zero_info(f"matsciml: fine-tune normaliser: {normaliser}")
     return report
