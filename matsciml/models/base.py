@@ -21,6 +21,7 @@ import torch
 from matsciml.artifacts.trust import resolve_class
 from matsciml.data.backends import as_batch
 from matsciml.data.batch import Batch
+from matsciml.models.species_axes import SpeciesAxis
 
 Representation = Literal["graph", "point_cloud"]
 
@@ -185,6 +186,15 @@ class AbstractEnergyModel(torch.nn.Module, abc.ABC):
         """
         envelope = 0.5 * (torch.cos(distances * (math.pi / cutoff)) + 1.0)
         return envelope * (distances < cutoff).to(distances.dtype)
+
+    def species_indexed(self) -> dict[str, SpeciesAxis]:
+        """Tensors of this module indexed by atomic number, ``{state_dict name: SpeciesAxis}``.
+
+        Override it for per-element tensors the model creates itself (e.g. a plain ``nn.Embedding``);
+        layers declare their own the same way. A fine-tune with more species copies the parent's slices
+        of these and initialises the rest (:mod:`matsciml.models.species_axes`); none by default.
+        """
+        return {}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

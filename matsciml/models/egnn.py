@@ -31,6 +31,7 @@ from torch import nn
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.models.layers import init_output_layer, mlp
+from matsciml.models.species_axes import SpeciesAxis
 
 
 class EGNNLayer(nn.Module):
@@ -109,6 +110,10 @@ class EGNN(AbstractEnergyModel):
         )
         self.output = mlp([hidden] + [output_hidden] * (output_depth - 1) + [1], activation)
         init_output_layer(self.output[-1])
+
+    def species_indexed(self) -> dict[str, SpeciesAxis]:
+        """The embedding's rows are atomic numbers (:mod:`matsciml.models.species_axes`)."""
+        return {"embedding.weight": SpeciesAxis(dim=0)}
 
     def energy(self, batch: Batch) -> torch.Tensor:
         numbers = batch.atomic_numbers

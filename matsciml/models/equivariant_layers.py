@@ -31,6 +31,7 @@ from e3nn import o3
 from torch import nn
 
 from matsciml.models.layers import OUTPUT_GAIN
+from matsciml.models.species_axes import SpeciesAxis
 
 
 class BesselBasis(nn.Module):
@@ -288,6 +289,9 @@ class SpeciesEmbedding(nn.Module):
         self.irreps_out = o3.Irreps(f"{num_features}x0e")
         self.embedding = nn.Embedding(num_species + 1, num_features)  # unit-variance rows
 
+    def species_indexed(self) -> dict[str, SpeciesAxis]:
+        return {"embedding.weight": SpeciesAxis(dim=0)}
+
     def forward(self, numbers: torch.Tensor) -> torch.Tensor:
         return self.embedding(numbers)
 
@@ -320,6 +324,9 @@ class SpeciesLinear(nn.Module):
             self.paths.append((in_slices[match[0]], mul_in, len(self.weights)))
             # unit-variance weights, scaled by mul_in^-1/2 in forward: outputs keep the inputs' scale
             self.weights.append(nn.Parameter(torch.randn(num_species + 1, mul_in, mul_out)))
+
+    def species_indexed(self) -> dict[str, SpeciesAxis]:
+        return {f"weights.{i}": SpeciesAxis(dim=0) for i in range(len(self.weights))}
 
     def forward(self, x: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         blocks = []
@@ -381,6 +388,9 @@ class PerSpeciesScaleShift(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(num_species + 1))
         self.shift = nn.Parameter(torch.zeros(num_species + 1))
+
+    def species_indexed(self) -> dict[str, SpeciesAxis]:
+        return {"scale": SpeciesAxis(dim=0), "shift": SpeciesAxis(dim=0)}
 
     def forward(self, energies: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         scale, shift = self.scale.index_select(0, numbers), self.shift.index_select(0, numbers)

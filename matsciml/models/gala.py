@@ -71,6 +71,7 @@ from matsciml.models.gala_layers import (
     MaskedMomentumNormalization,
 )
 from matsciml.models.layers import ACTIVATIONS, init_output_layer
+from matsciml.models.species_axes import SpeciesAxis
 
 #: smooth activations only: forces are derivatives of the energy
 SMOOTH_ACTIVATIONS = ("silu", "tanh")
@@ -298,6 +299,11 @@ class Gala(AbstractEnergyModel):
         self.species = nn.Linear(num_species, hidden, bias=False)
         self.output = nn.Sequential(nn.Linear(hidden, hidden), settings.act(), nn.Linear(hidden, 1))
         init_output_layer(self.output[-1])
+
+    def species_indexed(self) -> dict[str, SpeciesAxis]:
+        """One-hot inputs: the pair embedding's columns are ``[Z_i, Z_j]`` (two species blocks), the
+        species term's columns ``Z`` (:mod:`matsciml.models.species_axes`)."""
+        return {"embedding.weight": SpeciesAxis(dim=1, blocks=2), "species.weight": SpeciesAxis(dim=1)}
 
     @property
     def input_dim(self) -> int:

@@ -70,6 +70,7 @@ from torch import nn
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.models.layers import check_activation, init_output_layer, mlp
+from matsciml.models.species_axes import SpeciesAxis
 
 #: smooth activations only: forces are derivatives of the energy
 SMOOTH_ACTIVATIONS = ("softplus", "silu")
@@ -325,6 +326,10 @@ class MegNet(AbstractEnergyModel):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         init_output_layer(self.output[-1])
+
+    def species_indexed(self) -> dict[str, SpeciesAxis]:
+        """The embedding's rows are atomic numbers (:mod:`matsciml.models.species_axes`)."""
+        return {"embedding.weight": SpeciesAxis(dim=0)}
 
     def energy(self, batch: Batch) -> torch.Tensor:
         numbers = batch.atomic_numbers

@@ -27,6 +27,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from matsciml.models.species_axes import SpeciesAxis
+
 #: singular values below this fraction of the largest one are linear dependencies of the couplings
 _RANK_TOLERANCE = 1e-9
 
@@ -190,6 +192,10 @@ class SymmetricContraction(nn.Module):
             picked = tensor[(slice(None), *combos.T)] * math.sqrt(ir.dim)  # (paths, monomials, 2L+1)
             columns.append(picked.permute(1, 0, 2).reshape(len(combos), -1))
         return combos, torch.cat(columns, dim=1) * orderings[:, None]
+
+    def species_indexed(self) -> dict[str, SpeciesAxis]:
+        """Rows of every weight table are species indices (:mod:`matsciml.models.species_axes`)."""
+        return {f"weights.{i}": SpeciesAxis(dim=0) for i in range(len(self.weights))}
 
     def forward(self, features: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         num_atoms = features.shape[0]

@@ -19,11 +19,14 @@ from matsciml.data.batch import Batch
 from matsciml.data.composition import fit_references, residual_moments
 from matsciml.data.grouped_eval import validation_group
 from matsciml.models.base import AbstractEnergyModel
+from matsciml.tasks import init_from as parent_init
 from matsciml.tasks.compiled_forces import CompiledForces, unsupported_reason
 from matsciml.tasks.ema import EMAWeightAveraging
 from matsciml.tasks.freezing import check_freeze, freezing_callbacks
 from matsciml.tasks.normalizers import EnergyNormalizer
 from matsciml.tasks.options import (
+    check_datamodule,
+    check_optimisation,
     check_references,
     compile_forces,
     compile_options,
@@ -83,6 +86,9 @@ class AtomisticTask(pl.LightningModule):
             (:class:`~matsciml.tasks.ema.EMAWeightAveraging`). ``None``: no average.
         freeze, unfreeze_after_epochs: parameter name patterns (``model.embedding.*``) kept unchanged while
             fitting, trained from epoch ``unfreeze_after_epochs`` on (``None``: never); :mod:`matsciml.tasks.freezing`.
+        init_from, keep_parent_references, pretrained_lr: fine-tuning (:mod:`matsciml.tasks.init_from`): a
+            checkpoint, run folder or package whose weights the fit starts from; keep the parent's element
+            references (else refit on the new data); the learning rate of the loaded parameters.
     """
 
     task: ClassVar[str]
@@ -113,32 +119,23 @@ class AtomisticTask(pl.LightningModule):
         ema_decay: float | None = None,
         freeze: list[str] | None = None,
         unfreeze_after_epochs: int | None = None,
+        init_from: str | None = None,
+        keep_parent_references: bool = False,
+        pretrained_lr: float | None = None,
     ):
         super().__init__()
         if isinstance(model, Mapping):
             model = AbstractEnergyModel.from_spec(dict(model))
         if not isinstance(model, AbstractEnergyModel):
             raise TypeError(f"model must be an AbstractEnergyModel, got {type(model).__name__}")
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-        if loss not in _LOSSES:
-            raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
-        if not huber_delta > 0:
-            raise ValueError(f"huber_delta must be positive (normalised units), got {huber_delta!r}")
-        if scheduler not in ("exponential", "plateau"):
-            raise ValueError(f"scheduler must be 'exponential' or 'plateau', got {scheduler!r}")
-        if not 0 < plateau_factor < 1 or plateau_patience < 0:
-            raise ValueError(
-                f"plateau_factor must be in (0, 1) and plateau_patience >= 0, got {plateau_factor}, {plateau_patience}"
-            )
+        check_optimisation(lr, gamma, loss, sorted(_LOSSES), huber_delta, scheduler, plateau_factor, plateau_patience)
         self.huber_delta, self.scheduler = float(huber_delta), scheduler
         self.plateau_factor, self.plateau_patience = float(plateau_factor), int(plateau_patience)
         self.monitor = self._check_monitor(monitor)
         self.ema_decay = ema_decay
         if ema_decay is not None:
             EMAWeightAveraging(ema_decay)  # checks the value now, not when training starts
+        parent_init.set_settings(self, init_from, keep_parent_references, pretrained_lr, element_references)
         self.model = model
         # not self.freeze: LightningModule.freeze() freezes the whole module
         self.freeze_patterns, self.unfreeze_after_epochs = check_freeze(
@@ -164,6 +161,7 @@ class AtomisticTask(pl.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         # a plain-data spec, so a checkpoint rebuilds the model without pickled objects
         self.hparams["model"] = model.spec()
+        self.hparams["init_from"] = self.init_from
 
     # -- normalisation ---------------------------------------------------------------
     def normalizer_settings(self, statistics: Mapping[str, Any]) -> tuple[float, float]:
@@ -195,23 +193,7 @@ class AtomisticTask(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return
-        representation = getattr(datamodule, "representation", None)
-        if representation is not None and representation != self.model.representation:
-            raise ValueError(
-                f"{type(self.model).__name__} needs representation={self.model.representation!r} "
-                f"but the data module builds {representation!r}; set data.representation"
-            )
-        data_cutoff, model_cutoff = getattr(datamodule, "cutoff", None), getattr(self.model, "cutoff", None)
-        if (
-            representation == "graph"
-            and data_cutoff is not None
-            and model_cutoff is not None
-            and data_cutoff < model_cutoff
-        ):
-            raise ValueError(
-                f"the data's radius graph (cutoff {data_cutoff} Å) is shorter than the model's "
-                f"cutoff {model_cutoff} Å; neighbours in between would be missing"
-            )
+        representation = check_datamodule(self.model, datamodule)
         if stage == "fit" and representation == "graph":
             self._record_graph(datamodule)
         if stage == "fit" and self.species is None and (species := getattr(datamodule, "species", None)):
@@ -312,7 +294,9 @@ class AtomisticTask(pl.LightningModule):
         return monitor
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.init_from is not None and self.init_report is None:  # after Lightning restored a resumed run
+            parent_init.initialise_from_parent(self)
+        optimizer = torch.optim.Adam(parent_init.parameter_groups(self), lr=self.lr)
         if self.scheduler == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=self.plateau_factor, patience=self.plateau_patience
@@ -323,6 +307,12 @@ class AtomisticTask(pl.LightningModule):
             exponential = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.gamma)
             lr_scheduler = {"scheduler": exponential, "interval": "epoch"}
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        parent_init.save_report(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        parent_init.restore_report(self, checkpoint)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         ema = [] if self.ema_decay is None else [EMAWeightAveraging(self.ema_decay)]

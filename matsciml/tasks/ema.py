@@ -15,6 +15,8 @@ Buffers are never averaged: the normaliser's shift, scale, references and flags 
 ``per_atom``) are the task's constants, and Lightning builds the averaged copy in the callbacks'
 ``setup``, before the task's ``setup`` fits the normaliser. They are copied from the live task
 before every swap and save instead.
+For the same reason the parameters are copied from the task again when the fit starts, if the average
+has had no update yet: a fine-tune's parent (``init_from``) is loaded after ``setup``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ class EMAWeightAveraging(_LightningEMA):
             for name, average in self._average_model.module.named_buffers():
                 if name in current:
                     average.copy_(current[name])
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the copy was taken in setup, before the optimiser's configuration loaded init_from's parent;
+        # until its first update (a resumed average has had some) the average is the task's weights
+        if self._average_model is not None and int(self._average_model.n_averaged) == 0:
+            with torch.no_grad():
+                for average, live in zip(self._average_model.module.parameters(), pl_module.parameters(), strict=True):
+                    average.copy_(live)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._copy_buffers(pl_module)

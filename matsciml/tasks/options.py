@@ -67,3 +67,52 @@ def composition_sums(statistics: Mapping[str, Any]) -> Mapping[str, Any]:
             "(it recomputes old cards)"
         )
     return statistics[COMPOSITION]
+
+
+def check_optimisation(
+    lr: float,
+    gamma: float,
+    loss: str,
+    losses: list[str],
+    huber_delta: float,
+    scheduler: str,
+    plateau_factor: float,
+    plateau_patience: int,
+) -> None:
+    """Refuse optimiser, loss and scheduler settings no run could use."""
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if loss not in losses:
+        raise ValueError(f"loss must be one of {losses}, got {loss!r}")
+    if not huber_delta > 0:
+        raise ValueError(f"huber_delta must be positive (normalised units), got {huber_delta!r}")
+    if scheduler not in ("exponential", "plateau"):
+        raise ValueError(f"scheduler must be 'exponential' or 'plateau', got {scheduler!r}")
+    if not 0 < plateau_factor < 1 or plateau_patience < 0:
+        raise ValueError(
+            f"plateau_factor must be in (0, 1) and plateau_patience >= 0, got {plateau_factor}, {plateau_patience}"
+        )
+
+
+def check_datamodule(model: Any, datamodule: Any) -> str | None:
+    """The data module's representation, after checking that ``model`` can read what it builds."""
+    representation = getattr(datamodule, "representation", None)
+    if representation is not None and representation != model.representation:
+        raise ValueError(
+            f"{type(model).__name__} needs representation={model.representation!r} "
+            f"but the data module builds {representation!r}; set data.representation"
+        )
+    data_cutoff, model_cutoff = getattr(datamodule, "cutoff", None), getattr(model, "cutoff", None)
+    if (
+        representation == "graph"
+        and data_cutoff is not None
+        and model_cutoff is not None
+        and data_cutoff < model_cutoff
+    ):
+        raise ValueError(
+            f"the data's radius graph (cutoff {data_cutoff} Å) is shorter than the model's "
+            f"cutoff {model_cutoff} Å; neighbours in between would be missing"
+        )
+    return representation

@@ -65,8 +65,8 @@ class S2EFTask(AtomisticTask):
         energy_loss: ``"per_atom"`` (default): the energy loss compares energies per atom, so large
             cells do not dominate; ``"total"``: total energies (both over the energy scale).
         statistics, species, element_references, normalize, loss, compile, graph, huber_delta, scheduler,
-            monitor, plateau_factor, plateau_patience, ema_decay, freeze, unfreeze_after_epochs: see
-            :class:`AtomisticTask`.
+            monitor, plateau_factor, plateau_patience, ema_decay, freeze, unfreeze_after_epochs, init_from,
+            keep_parent_references, pretrained_lr: see :class:`AtomisticTask`.
 
     The energy normaliser shifts by the mean energy per atom (less the element references, if
     any) and scales by the std of the free atoms' force components (so normalised forces have
@@ -107,6 +107,9 @@ class S2EFTask(AtomisticTask):
         ema_decay: float | None = None,
         freeze: list[str] | None = None,
         unfreeze_after_epochs: int | None = None,
+        init_from: str | None = None,
+        keep_parent_references: bool = False,
+        pretrained_lr: float | None = None,
     ):
         if min(energy_coefficient, force_coefficient, stress_coefficient) < 0:
             raise ValueError("loss coefficients must be >= 0")
@@ -134,6 +137,9 @@ class S2EFTask(AtomisticTask):
             ema_decay=ema_decay,
             freeze=freeze,
             unfreeze_after_epochs=unfreeze_after_epochs,
+            init_from=init_from,
+            keep_parent_references=keep_parent_references,
+            pretrained_lr=pretrained_lr,
         )
         self.energy_coefficient = energy_coefficient
         self.force_coefficient = force_coefficient
