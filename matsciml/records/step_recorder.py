@@ -10,6 +10,10 @@ A run resumed in its folder (``--ckpt_path <run>/checkpoints/last.ckpt``, a requ
 continues the record there: ``RESUMED`` with the checkpoint, step and time of each resume. After
 each batch it refreshes the record's heartbeat, at most every :data:`HEARTBEAT_S` seconds, so
 ``matsciml runs list`` can tell a run whose process died (:mod:`matsciml.records.runs`).
+
+A task started from another model (its ``init_from``) has that parent among the inputs
+(``role="parent"``, with its digest) and the record's ``lineage`` holds the parent's chain and what
+was loaded from it (:mod:`matsciml.records.lineage`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import yaml
 
 from matsciml.data.errors import DataError
 from matsciml.data.fingerprint import dataset_digest
+from matsciml.records.lineage import PACKAGE, run_lineage
 from matsciml.records.provenance import (
     COMPLETED,
     FAILED,
@@ -126,10 +131,23 @@ class StepRecorder(pl.Callback):
         for split, path in (getattr(datamodule, "paths", None) or {}).items():
             if path is not None:
                 record.add_input(f"data.{split}_path", path, kind="dataset", digest=self._dataset_digest(path))
+        self._note_parent(record, pl_module)
         record.data["links"].update(_logger_links(trainer, record.data["run_id"]))
         self.record = record
         self._heartbeat(force=True)
         write_atomically(record.directory / PARAMS_NAME, yaml.safe_dump(self.config, sort_keys=False))
+
+    @staticmethod
+    def _note_parent(record: StepRecord, pl_module: pl.LightningModule) -> None:
+        """A task started from another model (``init_from``): the parent as an input, and its chain."""
+        init_from = getattr(pl_module, "init_from", None)
+        if init_from is None:
+            return
+        lineage = run_lineage(init_from, getattr(pl_module, "init_report", None))
+        parent = lineage["parent"]
+        kind = "model" if parent["kind"] == PACKAGE else "checkpoint"
+        record.add_input("parent", parent["path"], kind=kind, digest=parent["digest"])
+        record.data["lineage"] = lineage
 
     @staticmethod
     def _dataset_digest(path: str | os.PathLike) -> str | None:
