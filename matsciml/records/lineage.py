@@ -159,7 +159,9 @@ def _follow(
         return None
     if generations <= 0:
         cut = _bare(Path(recorded["path"]), recorded.get("kind", CHECKPOINT), recorded.get("digest"), None)
-        cut.update(run_id=recorded.get("run_id"), note=f"chain cut: more than {MAX_GENERATIONS} generations")
+        cut.update(
+            run_id=recorded.get("run_id"), note="chain cut here: its ancestors are not followed (max_generations)"
+        )
         return {**cut, "parent": None}
     path = Path(recorded["path"])
     if path.exists():
