@@ -194,6 +194,15 @@ def test_a_replaced_or_deleted_parent_keeps_what_the_child_read(tmp_path):
     assert entry["digest"] == read and "is gone" in entry["note"] and entry["parent"]["run_id"] == "gp"
 
 
+@pytest.mark.parametrize("content", [[1, 2], {"run_id": 7, "lineage": [1]}, {"lineage": {"parent": {"path": 3}}}])
+def test_a_malformed_record_is_a_partial_entry(tmp_path, content):
+    checkpoint = fake_run(tmp_path, "run", None)
+    (tmp_path / "run" / "step.json").write_text(json.dumps(content))
+    entry = parent_entry(checkpoint)
+    assert entry["digest"] == sha256_file(checkpoint) and entry["parent"] is None
+    assert entry["run_id"] is None or isinstance(entry["run_id"], str)
+
+
 class _Trap:
     def __reduce__(self):
         return (Path.touch, (Path(_Trap.marker),))

@@ -124,7 +124,10 @@ def _entry(path: Path, seen: set[tuple[str, str | None]], generations: int) -> d
         kind = CHECKPOINT if path.suffix == ".ckpt" else PACKAGE
         return {**_bare(path, kind, None, f"{path} does not exist"), "parent": None}
     kind = PACKAGE if is_package(path) else CHECKPOINT
-    digest = directory_digest(path) if path.is_dir() else sha256_file(path)
+    try:
+        digest = directory_digest(path) if path.is_dir() else sha256_file(path)
+    except OSError as err:  # unreadable here: the entry says so, the caller goes on
+        return {**_bare(path, kind, None, f"{path} is unreadable: {err}"), "parent": None}
     if (str(path), digest) in seen:
         return {**_bare(path, kind, digest, "a cycle: this file is already in the chain"), "parent": None}
     seen.add((str(path), digest))
@@ -133,8 +136,8 @@ def _entry(path: Path, seen: set[tuple[str, str | None]], generations: int) -> d
     if kind == CHECKPOINT:
         record_path, record, entry["note"] = record_beside(path)
         if record is not None:
-            entry.update(run_id=record.get("run_id"), record=str(record_path))
-            recorded_parent = (record.get("lineage") or {}).get("parent")
+            entry.update(run_id=_text(record.get("run_id")), record=str(record_path))
+            recorded_parent = _recorded_parent(record.get("lineage"))
     else:
         try:
             card = read_card(path)
@@ -142,20 +145,32 @@ def _entry(path: Path, seen: set[tuple[str, str | None]], generations: int) -> d
             entry["note"] = f"no readable {CARD_FILE} ({type(err).__name__}: {err}): run and parent unknown"
             card = None
         if isinstance(card, dict):
-            entry.update(run_id=(card.get("training_data") or {}).get("run_id"), record=f"{path}/{CARD_FILE}")
+            training = card.get("training_data")
+            run_id = _text(training.get("run_id")) if isinstance(training, dict) else None
+            entry.update(run_id=run_id, record=f"{path}/{CARD_FILE}")
             own = card.get("lineage")  # the chain of the checkpoint the package was exported from
             if own is None:
                 entry["note"] = f"its {CARD_FILE} has no lineage (exported before lineage was recorded)"
-            recorded_parent = (own or {}).get("parent")
+            recorded_parent = _recorded_parent(own)
     entry["parent"] = _follow(recorded_parent, entry, seen, generations)
     return entry
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _recorded_parent(lineage: Any) -> dict[str, Any] | None:
+    """The parent a record's or card's ``lineage`` names, if it is an entry with a path (else ``None``)."""
+    parent = lineage.get("parent") if isinstance(lineage, dict) else None
+    return parent if isinstance(parent, dict) and isinstance(parent.get("path"), str) else None
 
 
 def _follow(
     recorded: dict[str, Any] | None, child: dict[str, Any], seen: set[tuple[str, str | None]], generations: int
 ) -> dict[str, Any] | None:
     """The parent as found now if its file is still what ``child``'s record read, else as recorded."""
-    if not isinstance(recorded, dict) or not recorded.get("path"):
+    if recorded is None:
         return None
     if generations <= 0:
         cut = _bare(Path(recorded["path"]), recorded.get("kind", CHECKPOINT), recorded.get("digest"), None)
