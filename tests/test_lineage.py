@@ -82,6 +82,9 @@ def test_fit_from_a_checkpoint_records_the_parent_by_digest_and_run(parent_run, 
     assert entry["counts"] == {key: len(entry["names"][key]) for key in lineage.REPORT_KEYS}
     assert entry["counts"]["loaded"] > 10 and entry["counts"]["new"] == entry["counts"]["dropped"] == 0
 
+    # a run folder as init_from names its checkpoints/last.ckpt
+    assert parent_entry(parent_run) == entry["parent"]
+
     capsys.readouterr()
     assert main(["runs", "show", str(child_run)]) == 0
     out = capsys.readouterr().out

@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from matsciml.artifacts.checkpoints import checkpoint_path
 from matsciml.records.provenance import RECORD_NAME, load_record, sha256_file
 
 #: ancestors followed at most: deeper chains end with a note
@@ -47,7 +48,7 @@ def directory_digest(path: str | os.PathLike) -> str:
 def is_package(path: Path) -> bool:
     """A package folder or zip (``model.json`` inside); a torch checkpoint is a zip without one."""
     if path.is_dir():
-        return True
+        return (path / MODEL_FILE).is_file()
     try:
         with zipfile.ZipFile(path) as archive:
             return MODEL_FILE in archive.namelist()
@@ -102,7 +103,8 @@ def parent_entry(path: str | os.PathLike, max_generations: int = MAX_GENERATIONS
     Used for a run's parent (``init_from``) and for the model an export packages.
 
     Args:
-        path: a ``.ckpt`` file or a package (folder or zip) written by ``matsciml export``.
+        path: a ``.ckpt`` file, a run folder (its ``checkpoints/last.ckpt``) or a package (folder or zip)
+            written by ``matsciml export``.
         max_generations: ancestors followed at most.
 
     Returns:
@@ -120,6 +122,11 @@ def _bare(path: Path, kind: str, digest: str | None, note: str | None) -> dict[s
 
 def _entry(path: Path, seen: set[tuple[str, str | None]], generations: int) -> dict[str, Any]:
     path = path.resolve()
+    if path.is_dir() and not is_package(path):  # a run folder: its checkpoints/last.ckpt, as init_from reads
+        try:
+            path = checkpoint_path(path).resolve()
+        except FileNotFoundError as err:
+            return {**_bare(path, CHECKPOINT, None, str(err)), "parent": None}
     if not path.exists():
         kind = CHECKPOINT if path.suffix == ".ckpt" else PACKAGE
         return {**_bare(path, kind, None, f"{path} does not exist"), "parent": None}
@@ -199,14 +206,14 @@ def run_lineage(init_from: str | os.PathLike, report: dict[str, Any] | None) -> 
         report: the task's ``init_report`` (``{"parent", "loaded", "extended", "new", "dropped"}``,
             lists of state-dict names), or ``None`` if the task kept none.
     """
-    report = report or {}
+    return {"init_from": str(init_from), "parent": parent_entry(init_from), **run_report(report)}
+
+
+def run_report(report: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"counts": {...}, "names": {...}}`` of an ``init_report`` (zero and empty before it is known)."""
+    report = report if isinstance(report, dict) else {}
     names = {key: sorted(map(str, report.get(key) or [])) for key in REPORT_KEYS}
-    return {
-        "init_from": str(init_from),
-        "parent": parent_entry(init_from),
-        "counts": {key: len(value) for key, value in names.items()},
-        "names": names,
-    }
+    return {"counts": {key: len(value) for key, value in names.items()}, "names": names}
 
 
 def chain(entry: dict[str, Any] | None) -> list[dict[str, Any]]:
