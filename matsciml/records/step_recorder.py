@@ -131,9 +131,9 @@ class StepRecorder(pl.Callback):
         for split, path in (getattr(datamodule, "paths", None) or {}).items():
             if path is not None:
                 record.add_input(f"data.{split}_path", path, kind="dataset", digest=self._dataset_digest(path))
-        self._note_parent(record, pl_module)
         record.data["links"].update(_logger_links(trainer, record.data["run_id"]))
         self.record = record
+        self._note_parent(record, pl_module)
         self._heartbeat(force=True)
         write_atomically(record.directory / PARAMS_NAME, yaml.safe_dump(self.config, sort_keys=False))
 
