@@ -35,7 +35,8 @@ def _cmd_element_set(args: argparse.Namespace) -> None:
     if args.out is None:  # never the shipped devsets folder by default
         raise ValueError("--metals needs --out: the folder of the new set (e.g. --out data/al)")
     structures = 60 if args.structures is None else args.structures
-    check_metals(args.metals), split_sizes(structures)  # a refused value leaves no record behind
+    check_metals(args.metals)  # checked first: a refused value leaves no record behind
+    split_sizes(structures)
     # beside the set (<out>.step.json), as its three splits move into place together at the end
     with recorded(dataset_record(args.out, "devset build", args.command, step_config(args))) as record:
         build_element_set(args.out, args.metals, structures, args.seed, args.overwrite, workers=args.workers)

@@ -11,7 +11,7 @@ continues the record there: ``RESUMED`` with the checkpoint, step and time of ea
 each batch it refreshes the record's heartbeat, at most every :data:`HEARTBEAT_S` seconds, so
 ``matsciml runs list`` can tell a run whose process died (:mod:`matsciml.records.runs`).
 
-A task started from another model (its ``init_from``) has that parent among the inputs
+A fit of a task started from another model (its ``init_from``) has that parent among the inputs
 (``role="parent"``, with its digest) and the record's ``lineage`` holds the parent's chain and what
 was loaded from it (:mod:`matsciml.records.lineage`).
 """
