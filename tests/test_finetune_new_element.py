@@ -27,6 +27,7 @@ def experiment(script, tmp_path_factory):
     return out, script.main(["--steps", "2", "--structures", "15", "--out", str(out)])
 
 
+@pytest.mark.slow  # four fits in their own processes and an EMT set: about a minute of CPU
 def test_every_arm_trains_and_is_scored_after_its_last_step(script, experiment):
     out, results = experiment
     arms = ["parent", "finetune", "scratch"] if script.has_init_from() else ["parent", "scratch"]
