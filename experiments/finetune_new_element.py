@@ -9,8 +9,10 @@
 4. Every run validates once, after its last step; its validation force MAE (eV/Å) is that ``val/force_mae``
    in its ``metrics.csv``. The table and ``OUT/results.json`` hold it per run, and the mean over seeds per arm.
 
-Every run is a ``matsciml fit`` in its own process, pinned to ``OUT/runs/<arm>/seed<S>`` (``--overwrite``):
-its step record names its data by digest, and (b)'s names its parent (``matsciml runs show``, docs/runs.md).
+Every run is a ``matsciml fit`` in its own process, pinned to ``OUT/runs/<arm>/seed<S>`` (``--overwrite``; a
+completed parent of the same steps is reused). A seed sets both the initialisation and the training shuffle,
+so it varies a fine-tune that loads every weight too.
+Its step record names its data by digest, and (b)'s names its parent (``matsciml runs show``, docs/runs.md).
 (b) needs the task's ``init_from``; where the installed matsciml lacks it, (b) is skipped with a note.
 
 Usage::
@@ -47,7 +49,8 @@ def fit_command(out: Path, arm: str, seed: int, steps: int, data: Path | None, i
     """``matsciml fit`` of the EGNN devset config: ``steps`` steps, in ``out/runs/<arm>/seed<seed>``."""
     command = [
         sys.executable, "-m", "matsciml", "fit", "--config", str(CONFIG),
-        f"--seed_everything={seed}",
+        f"--seed_everything={seed}",  # the weights' initialisation (the new ones only, in a fine-tune)
+        f"--data.init_args.seed={seed}",  # the training shuffle: also varies a fine-tune that loads every weight
         f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
         # validate once, after the last step (also mid-epoch): every arm is scored at the same point
         f"--trainer.val_check_interval={steps}", "--trainer.check_val_every_n_epoch=null",
@@ -69,6 +72,17 @@ _DATA_SPLITS = (("train", "train"), ("val", "val"), ("test", "test"), ("predict"
 
 def run_dir(out: Path, arm: str, seed: int) -> Path:
     return out / "runs" / arm / f"seed{seed}"
+
+
+def completed(folder: Path, steps: int) -> bool:
+    """Whether ``folder`` holds a completed fit of ``steps`` steps (a parent to reuse)."""
+    from matsciml.records.provenance import load_record
+
+    record_file = folder / "step.json"
+    if not (record_file.is_file() and (folder / "checkpoints" / "last.ckpt").is_file()):
+        return False
+    record = load_record(record_file)
+    return record["status"] == "COMPLETED" and record["config"]["trainer"]["max_steps"] == steps
 
 
 def last_value(metrics_csv: Path, column: str = METRIC) -> float | None:
@@ -126,7 +140,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             out / "logs" / "al.log",
         )
     parent_steps = args.parent_steps or args.steps
-    run(fit_command(out, "parent", 0, parent_steps, None, None), out / "logs" / "parent.log")
+    if not completed(run_dir(out, "parent", 0), parent_steps):  # a rerun with other seeds keeps the parent
+        run(fit_command(out, "parent", 0, parent_steps, None, None), out / "logs" / "parent.log")
     parent = run_dir(out, "parent", 0) / "checkpoints" / "last.ckpt"
     results = [{"arm": "parent", "seed": 0, "steps": parent_steps, "data": "devsets/s2ef"}]
     finetune = has_init_from()

@@ -63,3 +63,13 @@ def test_only_the_finetuned_arm_starts_from_the_parent(script, tmp_path):
     assert f"--model.init_args.init_from={parent}" in tuned and not any("init_from" in a for a in scratch)
     assert [a for a in tuned if "init_from" not in a] == [a.replace("scratch", "finetune") for a in scratch]
     assert f"--data.init_args.train_path={tmp_path / 'al' / 'train'}" in scratch
+
+
+def test_a_completed_parent_of_the_same_steps_is_reused(script, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    record = {"status": "COMPLETED", "config": {"trainer": {"max_steps": 600}}}
+    (tmp_path / "step.json").write_text(json.dumps(record))
+    assert script.completed(tmp_path, 600) and not script.completed(tmp_path, 300)
+    (tmp_path / "step.json").write_text(json.dumps({**record, "status": "FAILED"}))
+    assert not script.completed(tmp_path, 600)
