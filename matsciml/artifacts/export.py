@@ -43,7 +43,7 @@ from matsciml.artifacts.model_loading import (
     task_from_checkpoint,
 )
 from matsciml.atomic import disk_full, replace_path
-from matsciml.records import provenance
+from matsciml.records import lineage, provenance
 from matsciml.tasks.base import AtomisticTask
 
 # the loading names stay importable from here, where they were before model_loading.py
@@ -83,14 +83,9 @@ def _weights_bytes(state: dict[str, torch.Tensor]) -> tuple[str, bytes]:
 
 def _training_data(checkpoint_path: Path) -> dict[str, Any]:
     """What the run that wrote the checkpoint trained on, from its step record if there is one."""
-    record_path = checkpoint_path.resolve().parent.parent / provenance.RECORD_NAME
-    if checkpoint_path.resolve().parent.name != "checkpoints" or not record_path.is_file():
-        return {
-            "known": False,
-            "note": "the checkpoint is not in a run folder with a step record "
-            "(<run>/checkpoints/*.ckpt beside <run>/step.json)",
-        }
-    record = provenance.load_record(record_path)
+    record_path, record, note = lineage.record_beside(checkpoint_path)
+    if record is None:
+        return {"known": False, "note": note}
     return {
         "known": True,
         "run_id": record["run_id"],
@@ -134,6 +129,8 @@ def model_card(
             "element_references_source": _references_source(task),
         },
         "training_data": training,
+        # this checkpoint (generation 0: digest, run id) and the models it was fine-tuned from
+        "lineage": lineage.parent_entry(checkpoint_path),
         "intended_use": intended_use,
         "checkpoint": {
             "name": checkpoint_path.name,

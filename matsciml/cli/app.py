@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from matsciml.artifacts.export import export_package
+    from matsciml.records.lineage import format_chain, read_card
 
     out = export_package(
         args.checkpoint,
@@ -177,6 +178,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
         which=args.which,
     )
     print(f"matsciml: wrote {out} (record: {out}.step.json)")
+    card = read_card(out)
+    print("lineage (0: this model, then the models it was fine-tuned from):")
+    print("\n".join(format_chain(card["lineage"])))
 
 
 def _add_trust_argument(parser: argparse.ArgumentParser) -> None:

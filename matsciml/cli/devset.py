@@ -9,6 +9,11 @@ from matsciml.cli.args import positive_int, step_config
 
 
 def _cmd_devset_build(args: argparse.Namespace) -> None:
+    if args.metals is not None:
+        return _cmd_element_set(args)
+    if args.structures is not None:
+        raise ValueError("--structures sets the size of a --metals set; the shipped devsets have fixed sizes")
+    args.out = Path("devsets") if args.out is None else args.out
     from matsciml.data.devset_builder import build_devsets
     from matsciml.data.fingerprint import dataset_digest
     from matsciml.records.provenance import StepRecord, recorded
@@ -20,6 +25,24 @@ def _cmd_devset_build(args: argparse.Namespace) -> None:
             record.add_output(
                 f"dataset:{dataset.parent.name}/{dataset.name}", dataset, kind="dataset", digest=dataset_digest(dataset)
             )
+
+
+def _cmd_element_set(args: argparse.Namespace) -> None:
+    from matsciml.data.element_set import build_element_set, check_metals, split_sizes
+    from matsciml.data.fingerprint import dataset_digest
+    from matsciml.records.provenance import dataset_record, recorded
+
+    if args.out is None:  # never the shipped devsets folder by default
+        raise ValueError("--metals needs --out: the folder of the new set (e.g. --out data/al)")
+    structures = 60 if args.structures is None else args.structures
+    check_metals(args.metals)  # checked first: a refused value leaves no record behind
+    split_sizes(structures)
+    # beside the set (<out>.step.json), as its three splits move into place together at the end
+    with recorded(dataset_record(args.out, "devset build", args.command, step_config(args))) as record:
+        build_element_set(args.out, args.metals, structures, args.seed, args.overwrite, workers=args.workers)
+        for split in ("train", "val", "test"):
+            path = args.out / split
+            record.add_output(f"dataset:{split}", path, kind="dataset", digest=dataset_digest(path))
 
 
 def _cmd_devset_md(args: argparse.Namespace) -> None:
@@ -57,10 +80,20 @@ def add_devset_commands(commands: argparse._SubParsersAction) -> None:
     devset = commands.add_parser("devset", help="build the development datasets")
     devset_commands = devset.add_subparsers(dest="devset_command", required=True, metavar="ACTION")
     build = devset_commands.add_parser("build", help="regenerate the shipped S2EF and IS2RE devsets (ASE EMT)")
-    build.add_argument("--out", type=Path, default=Path("devsets"), help="output folder (default: devsets)")
+    build.add_argument("--out", type=Path, help="output folder (default: devsets; required with --metals)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--workers", type=positive_int, help="parallel EMT processes (default: one per core, up to 4)")
     build.add_argument("--overwrite", action="store_true")
+    build.add_argument(
+        "--metals",
+        nargs="+",
+        metavar="SYMBOL",
+        help="instead, a small S2EF set of these slab metals (e.g. Al: not in devsets/s2ef's train split) "
+        "in --out/{train,val,test}, its record in <out>.step.json",
+    )
+    build.add_argument(
+        "--structures", type=positive_int, help="with --metals: frames in all, split 3:1:1 (default: 60)"
+    )
     build.set_defaults(func=_cmd_devset_build)
 
     md = devset_commands.add_parser("md", help="regenerate the shipped MD devset: liquid CuPdAu frames (ASE EMT)")

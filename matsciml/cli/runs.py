@@ -52,6 +52,13 @@ def _cmd_runs_show(args: argparse.Namespace) -> None:
         print(
             f"resumed: {resume['at']}  at step {resume['step']} (epoch {resume['epoch']}) from {resume['checkpoint']}"
         )
+    if record.get("lineage"):
+        from matsciml.records.lineage import format_chain
+
+        lineage = record["lineage"]
+        counts = ", ".join(f"{key} {value}" for key, value in lineage["counts"].items())
+        print(f"lineage: init_from {lineage['init_from']}  ({counts})")
+        print("\n".join(format_chain(lineage["parent"], first=1)))
     for kind in ("inputs", "outputs"):
         print(f"{kind}:")
         for entry in record[kind]:

@@ -63,23 +63,29 @@ FRAMES_PER_SYSTEM = 10
 S2EF_RELAX_STEPS = 60
 MD_STEPS = 40
 IS2RE_RELAX_STEPS = 1000  # a few CO on (100) need several hundred
-_STREAM = {"s2ef": 1, "is2re": 2}  # keeps the two tasks' random streams apart
+# keeps the tasks' random streams apart (s2ef_metals: sets of chosen metals, matsciml.data.element_set)
+_STREAM = {"s2ef": 1, "is2re": 2, "s2ef_metals": 3}
 
 
 def _rng(seed: int, task: str, sid: int) -> np.random.Generator:
     return np.random.default_rng([seed, _STREAM[task], sid])
 
 
-def s2ef_system(seed: int, sid: int, num_frames: int = FRAMES_PER_SYSTEM) -> list[Record]:
+def s2ef_system(
+    seed: int, sid: int, num_frames: int = FRAMES_PER_SYSTEM, metals: tuple[str, ...] | None = None
+) -> list[Record]:
     """Relax and then heat one slab + adsorbate system; return ``num_frames`` labelled frames.
 
     Args:
         seed: build seed.
         sid: system id (also selects this system's random stream).
         num_frames: frames to keep from the trajectory.
+        metals: the slab metals to draw from (default :data:`~matsciml.data.emt_systems.METALS`,
+            the devset's); a choice has its own random stream, apart from the devset's systems.
     """
-    rng = _rng(seed, "s2ef", sid)
-    system = emt.place_adsorbate(emt.make_slab(emt.random_spec(rng)), emt.random_adsorbate(rng), rng)
+    rng = _rng(seed, "s2ef" if metals is None else "s2ef_metals", sid)
+    spec = emt.random_spec(rng) if metals is None else emt.random_spec(rng, tuple(metals))
+    system = emt.place_adsorbate(emt.make_slab(spec), emt.random_adsorbate(rng), rng)
     free = ~emt.fixed_mask(system)
     system.positions[free] += rng.normal(0.0, 0.05, (int(free.sum()), 3))  # give the relaxation work
 

@@ -80,9 +80,9 @@ class SlabSpec:
     size: tuple[int, int, int]
 
 
-def random_spec(rng: np.random.Generator) -> SlabSpec:
-    """Draw a metal, a facet and a slab size uniformly."""
-    metal = METALS[rng.integers(len(METALS))]
+def random_spec(rng: np.random.Generator, metals: tuple[str, ...] = METALS) -> SlabSpec:
+    """Draw a metal (from ``metals``), a facet and a slab size uniformly."""
+    metal = metals[rng.integers(len(metals))]
     facet = tuple(FACETS)[rng.integers(len(FACETS))]
     sizes = SLAB_SIZES[facet]
     return SlabSpec(metal, facet, sizes[rng.integers(len(sizes))])

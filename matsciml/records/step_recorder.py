@@ -10,6 +10,10 @@ A run resumed in its folder (``--ckpt_path <run>/checkpoints/last.ckpt``, a requ
 continues the record there: ``RESUMED`` with the checkpoint, step and time of each resume. After
 each batch it refreshes the record's heartbeat, at most every :data:`HEARTBEAT_S` seconds, so
 ``matsciml runs list`` can tell a run whose process died (:mod:`matsciml.records.runs`).
+
+A fit of a task started from another model (its ``init_from``) has that parent among the inputs
+(``role="parent"``, with its digest) and the record's ``lineage`` holds the parent's chain and what
+was loaded from it (:mod:`matsciml.records.lineage`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import yaml
 
 from matsciml.data.errors import DataError
 from matsciml.data.fingerprint import dataset_digest
+from matsciml.records.lineage import PACKAGE, run_lineage, run_report
 from matsciml.records.provenance import (
     COMPLETED,
     FAILED,
@@ -128,8 +133,34 @@ class StepRecorder(pl.Callback):
                 record.add_input(f"data.{split}_path", path, kind="dataset", digest=self._dataset_digest(path))
         record.data["links"].update(_logger_links(trainer, record.data["run_id"]))
         self.record = record
+        self._note_parent(record, pl_module)
         self._heartbeat(force=True)
         write_atomically(record.directory / PARAMS_NAME, yaml.safe_dump(self.config, sort_keys=False))
+
+    def _note_parent(self, record: StepRecord, pl_module: pl.LightningModule) -> None:
+        """A fit started from another model (``init_from``): the parent as an input, and its chain.
+
+        Only a fit reads the parent (validate, test, predict of a fine-tuned checkpoint do not).
+        """
+        init_from = getattr(pl_module, "init_from", None)
+        if init_from is None or self.step != "fit":
+            return
+        lineage = run_lineage(init_from, getattr(pl_module, "init_report", None))
+        parent = lineage["parent"]
+        kind = "model" if parent["kind"] == PACKAGE else "checkpoint"
+        record.add_input("parent", parent["path"], kind=kind, digest=parent["digest"])
+        record.data["lineage"] = lineage
+
+    def _note_report(self, pl_module: pl.LightningModule) -> None:
+        """What was loaded from the parent: the task knows it once its optimiser is configured."""
+        report = getattr(pl_module, "init_report", None)
+        if self.record is None or report is None or "lineage" not in self.record.data:
+            return
+        lineage = self.record.data["lineage"]
+        update = run_report(report)
+        if (lineage["counts"], lineage["names"]) != (update["counts"], update["names"]):
+            lineage.update(update)
+            self.record.save()
 
     @staticmethod
     def _dataset_digest(path: str | os.PathLike) -> str | None:
@@ -172,6 +203,7 @@ class StepRecorder(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._note_checkpoint(trainer)
+        self._note_report(pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._note_checkpoint(trainer)
@@ -199,6 +231,7 @@ class StepRecorder(pl.Callback):
 
     def _close(self, trainer: pl.Trainer, status: str, error: BaseException | None = None) -> None:
         record = self.record
+        self._note_report(trainer.lightning_module)
         final = {k: _number(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         record.set_metrics(final=final, best=self._best(trainer))
         self._add_outputs(trainer, record)
