@@ -1,8 +1,8 @@
 """Lineage of fine-tuned models: the step record names the parent by digest and run id, and `matsciml runs show`,
 `matsciml export` and the model card show the chain back through every generation.
 
-The children are real fits of :class:`helpers.lineage.ParentedS2EFTask`, which keeps the ``init_from`` /
-``init_report`` contract of ``AtomisticTask``; the parents are real fits through the CLI.
+Parents and children are real fits through the CLI; a child starts from its parent with
+``--model.init_args.init_from``.
 """
 
 import json
@@ -35,8 +35,7 @@ RUN = Path("lightning_logs") / "version_0"
 
 def fit(save_dir: Path, parent: Path | None = None) -> Path:
     """One tiny S2EF devset fit (from ``parent`` if given); its run folder."""
-    extra = [] if parent is None else ["--model.class_path=helpers.lineage.ParentedS2EFTask"]
-    extra += [] if parent is None else [f"--model.init_args.parent={parent}"]
+    extra = [] if parent is None else [f"--model.init_args.init_from={parent}"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)
         assert main(["fit", *QUICK, *extra, f"--trainer.logger.init_args.save_dir={save_dir}"]) == 0

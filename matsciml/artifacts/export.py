@@ -160,6 +160,11 @@ def _radius_graph_card(task: AtomisticTask) -> dict[str, Any] | None:
 
 def _references_source(task: AtomisticTask) -> str:
     setting = getattr(task, "element_references", None)
+    fine_tuned = getattr(task, "init_from", None) is not None and task.normalizer.reference_energies()
+    if fine_tuned and not isinstance(setting, dict):  # tasks/parent_normalizer.py
+        if getattr(task, "keep_parent_references", False):
+            return "the parent's (init_from); elements it lacked fitted by least squares on the fine-tuning data"
+        return "least-squares refit on the fine-tuning data's composition; the parent's for elements absent from it"
     if setting == "fit":
         return "least-squares fit on the training split's composition (eV per atom of each element)"
     return "given" if setting else "none"

@@ -9,6 +9,7 @@ written in the test session.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -263,6 +264,8 @@ def test_cli_fine_tune_resumes_validates_and_exports_without_the_parent(tmp_path
     assert main(["validate", *QUICK, f"--ckpt_path={last}", f"--trainer.default_root_dir={tmp_path / 'v'}"]) == 0
     package = export_package(last, tmp_path / "tuned")
     assert load_model(package).init_from == str(parent)
+    card = json.loads((package / "card.json").read_text())
+    assert card["normalization"]["element_references_source"].startswith("least-squares refit on the fine-tuning data")
 
 
 def test_the_weight_average_starts_from_the_parent(parent, new_data):
