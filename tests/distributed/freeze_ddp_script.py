@@ -1,8 +1,9 @@
 """A 2-process DDP (gloo) fit with the embedding frozen; driven by tests/tasks/test_freezing.py.
 
-Usage: python freeze_ddp_script.py OUT_DIR [--release N]
+Usage: python freeze_ddp_script.py OUT_DIR [--release N] [--init-from CKPT]
 
-Two epochs of two steps with ``freeze=["model.embedding.*"]`` (``--release N``: ``unfreeze_after_epochs=N``).
+Two epochs of two steps with ``freeze=["model.embedding.*"]`` (``--release N``: ``unfreeze_after_epochs=N``;
+``--init-from CKPT``: a fine-tune of that checkpoint, its loaded weights at ``pretrained_lr``).
 Every rank writes ``OUT_DIR/rank{global_rank}.json``: whether the frozen parameters were bitwise unchanged
 while frozen, whether they changed after the release, whether the other parameters trained, the structures
 its batches held, and the bytes of every parameter at the end (hex), to compare the ranks.
@@ -46,11 +47,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--release", type=int, default=None)
+    parser.add_argument("--init-from", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     datamodule = S2EFDataModule.from_devset(batch_size=4)
-    task = S2EFTask(tiny_egnn(), lr=3e-3, freeze=["model.embedding.*"], unfreeze_after_epochs=args.release)
+    tuning = {} if args.init_from is None else {"init_from": args.init_from, "pretrained_lr": 1e-3}
+    task = S2EFTask(tiny_egnn(), lr=3e-3, freeze=["model.embedding.*"], unfreeze_after_epochs=args.release, **tuning)
     watch = Watch()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -75,6 +78,8 @@ def main() -> None:
         "released_changed": not torch.equal(final[FROZEN], start),
         "others_changed": all(not torch.equal(p, watch.start[n]) for n, p in final.items() if n != FROZEN),
         "batches": watch.batches,
+        "start_embedding": start.contiguous().numpy().tobytes().hex(),
+        "init_report": task.init_report,
         "weights": {n: p.detach().contiguous().numpy().tobytes().hex() for n, p in final.items()},
     }
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

@@ -164,14 +164,29 @@ def test_the_cli_refuses_a_pattern_matching_nothing(tmp_path, monkeypatch, capsy
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.fixture(scope="module")
+def parent_checkpoint(tmp_path_factory):
+    """A checkpoint of the tiny EGNN after a few steps on the devset: the parent of a DDP fine-tune."""
+    path = tmp_path_factory.mktemp("parent") / "parent.ckpt"
+    torch.manual_seed(1)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    trainer.fit(S2EFTask(tiny_egnn(), lr=3e-3), datamodule=S2EFDataModule.from_devset(batch_size=4))
+    trainer.save_checkpoint(path)
+    return path
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("release", [None, 1], ids=["frozen", "released"])
-def test_ddp_with_frozen_parameters_keeps_ranks_identical(tmp_path, release):
+@pytest.mark.parametrize(
+    "release, tune", [(None, False), (1, False), (None, True)], ids=["frozen", "released", "fine-tune"]
+)
+def test_ddp_with_frozen_parameters_keeps_ranks_identical(tmp_path, release, tune, request):
     # 2 gloo processes on different batches: frozen parameters must not break DDP (no unused-parameter
     # error) and stay bitwise; released ones must be averaged over the ranks, else their copies drift apart
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK", "WORLD_SIZE", "PL_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     command = [sys.executable, str(SCRIPT), str(tmp_path), *(["--release", str(release)] if release else [])]
+    parent = request.getfixturevalue("parent_checkpoint") if tune else None
+    command += [] if parent is None else ["--init-from", str(parent)]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -182,3 +197,8 @@ def test_ddp_with_frozen_parameters_keeps_ranks_identical(tmp_path, release):
         assert rank["others_changed"]
     differ = [name for name, value in ranks[0]["weights"].items() if ranks[1]["weights"][name] != value]
     assert not differ, f"the ranks' copies of {differ} drifted apart"  # every parameter bitwise equal on both ranks
+    if parent is not None:  # every rank started from the parent: its frozen embedding is the parent's, bitwise
+        embedding = torch.load(parent, weights_only=True)["state_dict"]["model.embedding.weight"]
+        for rank in ranks:
+            assert rank["start_embedding"] == embedding.contiguous().numpy().tobytes().hex()
+            assert rank["init_report"]["new"] == [] and rank["init_report"]["extended"] == []
