@@ -35,11 +35,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +49,7 @@ from matsciml.data.devsets import DEVSET_SPLITS
 from matsciml.data.formats.store import DatasetWriter
 from matsciml.data.progress import progress_bar
 from matsciml.data.records import Record
+from matsciml.data.split_build import default_workers, run_jobs
 
 #: Records per split (S2EF frames, IS2RE systems).
 DEFAULT_SIZES: dict[str, dict[str, int]] = {
@@ -176,15 +173,6 @@ def _jobs(seed: int, sizes: dict[str, dict[str, int]]) -> list[tuple[str, str, i
     return jobs
 
 
-def _results(jobs: list, workers: int) -> Iterator[list[Record]]:
-    if workers <= 1:
-        yield from map(_run_job, jobs)
-        return
-    # spawn, not fork: safe when the caller has started threads (torch, a test runner).
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        yield from pool.map(_run_job, jobs)
-
-
 def _source_text(task: str, seed: int) -> str:
     refs = ", ".join(f"{s}={e:.6f}" for s, e in emt.gas_references().items())
     what = (
@@ -246,9 +234,7 @@ def build_devsets(
     existing = [out / t / s for t in sizes for s in DEVSET_SPLITS if (out / t / s).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(map(str, existing))} already exist; pass overwrite=True (--overwrite)")
-    if workers is None:  # the cores this process may use, which can be fewer than the machine has
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cores, 4)
+    workers = default_workers() if workers is None else workers
     emt.gas_references()  # for the dataset cards; workers compute (and cache) their own
     jobs = _jobs(seed, sizes)
     shard_size = max(1, math.ceil(sizes["s2ef"]["train"] / 3))  # train in three shards, like OC20 S2EF
@@ -256,7 +242,7 @@ def build_devsets(
     start = time.perf_counter()
     with progress_bar(unit="systems", disable=not progress) as bar:
         bar_task = bar.add_task("EMT systems", total=len(jobs))
-        results = zip(jobs, _results(jobs, workers), strict=True)
+        results = zip(jobs, run_jobs(_run_job, jobs, workers), strict=True)
         for (task, split), group in itertools.groupby(results, key=lambda item: item[0][:2]):
             bar.update(bar_task, description=f"{task}/{split}")
             (out / task).mkdir(parents=True, exist_ok=True)

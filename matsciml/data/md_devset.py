@@ -35,11 +35,7 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +45,13 @@ from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from rich.console import Console
 
-from matsciml.atomic import disk_full, replace_path
 from matsciml.data import emt_systems as emt
 from matsciml.data import keys as K
 from matsciml.data.devsets import DEVSET_SPLITS
 from matsciml.data.formats.store import DatasetWriter
 from matsciml.data.progress import progress_bar
 from matsciml.data.records import Record
+from matsciml.data.split_build import default_workers, run_jobs, splits_written_atomically
 
 COMPOSITION = {"Cu": 48, "Pd": 16, "Au": 16}
 #: Å^3 per atom: EMT's pressure in the 1500 K liquid is near 0 (-1.0 +- 1.1 GPa over the shipped frames).
@@ -177,15 +173,6 @@ def _run(job: tuple[str, int, int, int]) -> list[Record]:
     return md_trajectory(seed, sid, num_frames)
 
 
-def _results(jobs: list, workers: int) -> Iterator[list[Record]]:
-    if workers <= 1:
-        yield from map(_run, jobs)
-        return
-    # spawn, not fork: safe when the caller has started threads (torch, a test runner).
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        yield from pool.map(_run, jobs)
-
-
 def _merge_frames(frames: dict | None) -> dict[str, int]:
     frames = {**DEFAULT_FRAMES, **(frames or {})}
     unknown = sorted(set(frames) - set(DEVSET_SPLITS))
@@ -236,18 +223,12 @@ def build_md_devset(
     frames = _merge_frames(frames)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite)")
-    if workers is None:  # the cores this process may use, which can be fewer than the machine has
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cores, 4)
+    workers = default_workers() if workers is None else workers
     plan = trajectory_plan(frames)
     jobs = [(split, seed, sid, count) for split, sid, count in plan]
     shard_size = max(1, math.ceil(frames["train"] / 3))  # train in three shards, like OC20 S2EF
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     start = time.perf_counter()
-    writers: dict[str, DatasetWriter] = {}
-    try:
-        partial.mkdir()
+    with splits_written_atomically(out) as (partial, writers):
         for split in DEVSET_SPLITS:
             writers[split] = DatasetWriter(
                 partial / split,
@@ -260,20 +241,9 @@ def build_md_devset(
             )
         with progress_bar(unit="trajectories", disable=not progress) as bar:
             bar_task = bar.add_task("EMT MD", total=len(jobs))
-            for (split, _, sid, _), records in zip(jobs, _results(jobs, workers), strict=True):
+            for (split, _, sid, _), records in zip(jobs, run_jobs(_run, jobs, workers), strict=True):
                 for index, record in enumerate(records):
                     writers[split].add(record, f"md/{split} sid {sid}", index)  # validates
                 bar.advance(bar_task)
-        for writer in writers.values():
-            writer.close()
-        replace_path(partial, out)
-    except BaseException as err:
-        full = disk_full(err, out)  # judged before the partial splits are removed
-        for writer in writers.values():
-            writer.abort()  # closes open shards; harmless on a closed writer
-        shutil.rmtree(partial, ignore_errors=True)
-        if full is not None:
-            raise full from err
-        raise
     if progress:
         Console().print(f"built the MD devset in {out} in {time.perf_counter() - start:.1f} s")
