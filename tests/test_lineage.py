@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers.training import QUICK_FIT
 
 from matsciml.artifacts.export import export_package
 from matsciml.cli.app import main
@@ -20,16 +21,6 @@ from matsciml.records.provenance import load_record, load_schema, sha256_file
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (the test extra has it)")
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = [
-    "--config",
-    "configs/devset/s2ef-egnn.yaml",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.log_every_n_steps=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
 RUN = Path("lightning_logs") / "version_0"
 
 
@@ -38,7 +29,7 @@ def fit(save_dir: Path, parent: Path | None = None) -> Path:
     extra = [] if parent is None else [f"--model.init_args.init_from={parent}"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)
-        assert main(["fit", *QUICK, *extra, f"--trainer.logger.init_args.save_dir={save_dir}"]) == 0
+        assert main(["fit", *QUICK_FIT, *extra, f"--trainer.logger.init_args.save_dir={save_dir}"]) == 0
     return save_dir / RUN
 
 

@@ -48,3 +48,16 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
         num_sanity_val_steps=0,
     )
     return pl.Trainer(**{**settings, **kwargs})
+
+
+#: ``matsciml fit`` arguments of a two-step S2EF devset run that validates once (run from the repository root)
+QUICK_FIT = [
+    "--config",
+    "configs/devset/s2ef-egnn.yaml",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]

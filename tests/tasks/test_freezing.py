@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers.training import quiet_trainer, tiny_egnn
+from helpers.training import QUICK_FIT, quiet_trainer, tiny_egnn
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from matsciml.cli.app import main
@@ -132,14 +132,7 @@ def test_freeze_through_the_cli(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(ROOT)  # devset paths are relative to the repository root
     argv = [
         "fit",
-        "--config",
-        "configs/devset/s2ef-egnn.yaml",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
+        *QUICK_FIT,
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--model.init_args.freeze=[model.embedding.*]",
     ]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.structures import slab_record
-from helpers.training import quiet_trainer, tiny_egnn
+from helpers.training import QUICK_FIT, quiet_trainer, tiny_egnn
 
 from matsciml.artifacts.export import export_package, load_model
 from matsciml.artifacts.model_loading import read_checkpoint
@@ -226,14 +226,7 @@ def test_untrusted_classes_in_the_parent_are_refused_unimported(parent, new_data
 
 
 QUICK = [
-    "--config",
-    "configs/devset/s2ef-egnn.yaml",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.log_every_n_steps=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
+    *QUICK_FIT,
     *(f"--model.init_args.model.init_args.{k}={v}" for k, v in TINY.items()),
 ]
 
