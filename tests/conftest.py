@@ -1,6 +1,8 @@
 """Session-wide test data, generated with ASE EMT in a temporary directory."""
 
 import importlib.util
+import logging
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,29 @@ from helpers.structures import write_dataset
 
 # the fuzzers need hypothesis (the test extra has it; the legacy DGL environment does not)
 collect_ignore = [] if importlib.util.find_spec("hypothesis") else ["fuzz"]
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is when a record is written (capsys swaps it per test phase)."""
+
+    def write(self, text: str) -> None:
+        sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True)
+def lightning_logs_into_the_current_stderr():
+    """Lightning adds a ``StreamHandler`` to its loggers when first imported (if the root logger has
+    none), bound to the ``sys.stderr`` of that moment: a test's capture, closed after it. Later tests
+    would then print "--- Logging error ---" tracebacks; so after each test the handlers follow
+    whatever ``sys.stderr`` is."""
+    yield
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _CurrentStderr):
+                handler.stream = _CurrentStderr()  # not setStream: it would flush the closed stream
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -4,7 +4,6 @@ Each case injects one fault a user meets (a corrupt record read by a DataLoader 
 split, a missing or corrupt checkpoint, a refused config value) into a real run of the command.
 """
 
-import logging
 import os
 import shutil
 import subprocess
@@ -29,25 +28,6 @@ QUICK = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
 ]
-
-
-class _CurrentStderr:
-    """Whatever ``sys.stderr`` is when a record is written (capsys swaps it per test phase)."""
-
-    def write(self, text: str) -> None:
-        sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
-@pytest.fixture(autouse=True)
-def lightning_logs_into_this_tests_stderr():
-    """Lightning's log handler keeps the stream of the test that imported it, closed by now."""
-    yield
-    for handler in logging.getLogger("lightning").handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.stream = _CurrentStderr()  # after the test: lightning may be imported by it
 
 
 def error_lines(capsys) -> tuple[list[str], str]:
