@@ -2,11 +2,17 @@
 
 import importlib.util
 import logging
+import signal
 import sys
 
 import pytest
 import torch
 from helpers.structures import write_dataset
+
+# A run started in the background by a non-interactive shell (`nohup make test &`) inherits SIGINT
+# ignored, and so would every process a test starts: the Ctrl-C tests need it delivered.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # the fuzzers need hypothesis (the test extra has it; the legacy DGL environment does not)
 collect_ignore = [] if importlib.util.find_spec("hypothesis") else ["fuzz"]
