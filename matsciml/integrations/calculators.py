@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 import torch
@@ -98,7 +98,40 @@ def load_task(
     return task_from_checkpoint(checkpoint, trusted_modules, which=which).to(device).eval()
 
 
-class MatSciMLCalculator(Calculator):
+class FromTrainedTask:
+    """``from_checkpoint`` and ``from_package`` for the classes built as ``cls(task, device=device, **kwargs)``:
+    the ASE calculator here and the torch-sim model (:mod:`matsciml.integrations.torch_sim`)."""
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        trusted_modules: Iterable[str] | None = None,
+        which: Which | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """For the task in a Lightning checkpoint or a run folder's ``which`` (``"best"`` or ``"last"``)
+        checkpoint (loaded weights-only; classes from ``matsciml`` or ``trusted_modules`` only, see
+        :func:`load_task`); ``kwargs`` go to the constructor."""
+        task = load_task(path, device=device, trusted_modules=trusted_modules, which=which)
+        return cls(task, device=device, **kwargs)
+
+    @classmethod
+    def from_package(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        trusted_modules: Iterable[str] | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """For an exported model package (``matsciml export``); ``kwargs`` go to the constructor."""
+        from matsciml.artifacts.export import load_model
+
+        return cls(load_model(path, device=device, trusted_modules=trusted_modules), device=device, **kwargs)
+
+
+class MatSciMLCalculator(FromTrainedTask, Calculator):
     """ASE calculator for an :class:`~matsciml.tasks.AtomisticTask` (S2EF or IS2RE).
 
     Args:
@@ -145,34 +178,6 @@ class MatSciMLCalculator(Calculator):
         if getattr(task, "regress_stress", False):
             properties.append("stress")
         self.implemented_properties = properties
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | os.PathLike,
-        device: str | torch.device = "cpu",
-        trusted_modules: Iterable[str] | None = None,
-        which: Which | None = None,
-        **kwargs: Any,
-    ) -> MatSciMLCalculator:
-        """A calculator for the task in a Lightning checkpoint or a run folder's ``which`` (``"best"``
-        or ``"last"``) checkpoint (loaded weights-only; classes from ``matsciml`` or
-        ``trusted_modules`` only, see :func:`load_task`)."""
-        task = load_task(path, device=device, trusted_modules=trusted_modules, which=which)
-        return cls(task, device=device, **kwargs)
-
-    @classmethod
-    def from_package(
-        cls,
-        path: str | os.PathLike,
-        device: str | torch.device = "cpu",
-        trusted_modules: Iterable[str] | None = None,
-        **kwargs: Any,
-    ) -> MatSciMLCalculator:
-        """A calculator for an exported model package (``matsciml export``)."""
-        from matsciml.artifacts.export import load_model
-
-        return cls(load_model(path, device=device, trusted_modules=trusted_modules), device=device, **kwargs)
 
     def calculate(
         self, atoms: Atoms | None = None, properties: list[str] | None = None, system_changes: list[str] = all_changes

@@ -18,23 +18,20 @@ imports it; importing this module without it raises an ``ImportError`` naming th
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from ase import Atoms
 
-from matsciml.artifacts.checkpoints import Which
 from matsciml.data.min_distance import DEFAULT_MIN_DISTANCE, check_min_distance_setting
 from matsciml.data.structures import batch_from_atoms
 from matsciml.integrations.calculators import (
     TRAINED,
+    FromTrainedTask,
     MaxNeighbors,
     check_species,
     inference_graph,
-    load_task,
     trained_species,
 )
 from matsciml.tasks.base import AtomisticTask
@@ -64,7 +61,7 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or the torch dtype), got {dtype!r}")
 
 
-class MatSciMLModel(ModelInterface):
+class MatSciMLModel(FromTrainedTask, ModelInterface):
     """torch-sim model for an S2EF :class:`~matsciml.tasks.AtomisticTask` that predicts forces.
 
     Args:
@@ -110,33 +107,6 @@ class MatSciMLModel(ModelInterface):
         self.graph = inference_graph(task, max_neighbors)  # warns here, once, if the graph is capped
         self.min_distance = check_min_distance_setting(min_distance)
         self.species = trained_species(task)
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | os.PathLike,
-        device: str | torch.device = "cpu",
-        trusted_modules: Iterable[str] | None = None,
-        which: Which | None = None,
-        **kwargs: Any,
-    ) -> MatSciMLModel:
-        """The model for a Lightning checkpoint or a run folder's ``which`` (``"best"``/``"last"``)
-        checkpoint, loaded weights-only, classes from ``matsciml`` or ``trusted_modules`` only."""
-        task = load_task(path, device=device, trusted_modules=trusted_modules, which=which)
-        return cls(task, device=device, **kwargs)
-
-    @classmethod
-    def from_package(
-        cls,
-        path: str | os.PathLike,
-        device: str | torch.device = "cpu",
-        trusted_modules: Iterable[str] | None = None,
-        **kwargs: Any,
-    ) -> MatSciMLModel:
-        """The model for an exported package (``matsciml export``)."""
-        from matsciml.artifacts.export import load_model
-
-        return cls(load_model(path, device=device, trusted_modules=trusted_modules), device=device, **kwargs)
 
     def forward(self, state: ts.SimState | dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         """Energies, forces and (for stress-trained tasks) stress of every system in ``state``.
