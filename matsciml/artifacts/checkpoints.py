@@ -7,10 +7,26 @@ validation with the lowest monitored metric, :class:`~matsciml.tasks.best_checkp
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Literal
 
 Which = Literal["best", "last"]
+#: the files of an exported package (docs/export.md) that tell it from a checkpoint, and its card
+MODEL_FILE, CARD_FILE = "model.json", "card.json"
+
+
+def is_package(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an exported package (a folder or zip holding ``model.json``); a Lightning
+    checkpoint is a zip too, without one."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / MODEL_FILE).is_file()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return MODEL_FILE in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def checkpoint_path(path: str | os.PathLike, which: Which | None = None) -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from ase.data import chemical_symbols
 
-from matsciml.artifacts.checkpoints import Which, checkpoint_path
+from matsciml.artifacts.checkpoints import Which, checkpoint_path, is_package
 from matsciml.artifacts.model_loading import (
     CARD_FILE,
     FORMAT,
@@ -186,13 +186,6 @@ def package_files(
     }
 
 
-def _is_package(path: Path) -> bool:
-    if path.is_dir() or not zipfile.is_zipfile(path):
-        return (path / MODEL_FILE).is_file()
-    with zipfile.ZipFile(path) as archive:
-        return MODEL_FILE in archive.namelist()
-
-
 def export_package(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -221,7 +214,7 @@ def export_package(
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    if out.exists() and not _is_package(out):
+    if out.exists() and not is_package(out):
         raise FileExistsError(f"{out} exists and is not a model package; refusing to replace it")
     record = provenance.dataset_record(out, "export", command or list(sys.argv), config or {})
     record.add_input("checkpoint", checkpoint, kind="checkpoint")

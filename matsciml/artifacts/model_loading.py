@@ -25,13 +25,12 @@ from typing import IO, Any
 import torch
 
 from matsciml.artifacts.build_budget import BudgetExceeded, check_spec_integers, weights_budget
-from matsciml.artifacts.checkpoints import Which, checkpoint_path
+from matsciml.artifacts.checkpoints import CARD_FILE, MODEL_FILE, Which, checkpoint_path
 from matsciml.artifacts.trust import UntrustedClassError, is_zip, resolve_class
 from matsciml.models.base import AbstractEnergyModel
 from matsciml.tasks.base import AtomisticTask
 
 FORMAT, FORMAT_VERSION = "matsciml-model", 1
-MODEL_FILE, CARD_FILE = "model.json", "card.json"
 SAFETENSORS_FILE, TORCH_FILE = "weights.safetensors", "weights.pt"
 UNITS = {"positions": "Å", "energy": "eV", "forces": "eV/Å", "stress": "eV/Å^3"}
 #: the most bytes a package member may hold (read in chunks and refused past it, whatever the zip claims)

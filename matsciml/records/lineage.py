@@ -22,13 +22,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from matsciml.artifacts.checkpoints import checkpoint_path
+from matsciml.artifacts.checkpoints import CARD_FILE, checkpoint_path, is_package
 from matsciml.records.provenance import RECORD_NAME, load_record, sha256_file
 
 #: ancestors followed at most: deeper chains end with a note
 MAX_GENERATIONS = 32
 #: the package's files (as in matsciml.artifacts.model_loading, not imported here: no torch for reading JSON)
-MODEL_FILE, CARD_FILE = "model.json", "card.json"
 #: a card larger than this is not read (as the package loader refuses it)
 CARD_MAX_BYTES = 16 << 20
 #: init_report keys (the contract of AtomisticTask.init_report)
@@ -43,17 +42,6 @@ def directory_digest(path: str | os.PathLike) -> str:
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(f"{file.relative_to(root).as_posix()}\0{sha256_file(file)}\n".encode())
     return "sha256:" + digest.hexdigest()
-
-
-def is_package(path: Path) -> bool:
-    """A package folder or zip (``model.json`` inside); a torch checkpoint is a zip without one."""
-    if path.is_dir():
-        return (path / MODEL_FILE).is_file()
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return MODEL_FILE in archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any]:

@@ -22,7 +22,6 @@ calculators never read it at all, so the parent file may be gone by then.
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from matsciml.artifacts.checkpoints import is_package
 from matsciml.models.species_axes import SpeciesAxis, species_axes
 from matsciml.tasks.parent_normalizer import refit_normalizer
 
@@ -66,19 +66,6 @@ def set_settings(
     task.init_from = None if init_from is None else os.fspath(init_from)
     task.keep_parent_references, task.pretrained_lr = bool(keep_parent_references), pretrained_lr
     task.init_report = None
-
-
-def is_package(path: Path) -> bool:
-    """Whether ``path`` is an exported package (a folder or zip with ``model.json``), not a checkpoint."""
-    from matsciml.artifacts.model_loading import MODEL_FILE
-
-    if path.is_dir():
-        return (path / MODEL_FILE).is_file()
-    try:  # a Lightning checkpoint is a zip too, without model.json
-        with zipfile.ZipFile(path) as archive:
-            return MODEL_FILE in archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
 
 
 def read_parent(path: str | os.PathLike) -> AtomisticTask:
