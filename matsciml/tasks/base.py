@@ -23,6 +23,7 @@ from matsciml.tasks import init_from as parent_init
 from matsciml.tasks.compiled_forces import CompiledForces, unsupported_reason
 from matsciml.tasks.ema import EMAWeightAveraging
 from matsciml.tasks.freezing import check_freeze, freezing_callbacks
+from matsciml.tasks.metric_logging import log_weighted
 from matsciml.tasks.normalizers import EnergyNormalizer
 from matsciml.tasks.options import (
     check_datamodule,
@@ -33,7 +34,6 @@ from matsciml.tasks.options import (
     composition_sums,
     graph_record,
 )
-from matsciml.tasks.weighted_mean import WeightedMean
 
 LossName = Literal["l1", "mse", "huber"]
 _LOSSES = {
@@ -345,41 +345,8 @@ class AtomisticTask(pl.LightningModule):
 
     # -- logging -----------------------------------------------------------------------
     def log_metrics(self, stage: str, metrics: Mapping[str, tuple[torch.Tensor, int]]) -> None:
-        """Log ``name: (value, weight)``; epoch values are weighted means over all ranks.
-
-        Training also logs each step's value (``train/<name>_step``), which stays on its rank: a
-        collective every step would cost more than the value is worth. The epoch value
-        (``train/<name>_epoch``) is accumulated in a :class:`~matsciml.tasks.weighted_mean.WeightedMean`,
-        which Lightning computes at the epoch's end, reduced over all ranks then, once.
-        """
-        for name, (value, weight) in metrics.items():
-            if weight == 0:
-                continue
-            # the progress bar shows the training loss and the validation MAEs, not every metric
-            shown = name == "loss" if stage == "train" else name in ("energy_mae", "force_mae")
-            key = f"{stage}/{name}"
-            if stage == "train":
-                means = getattr(self, "_train_means", None)
-                if means is None:  # no parameters, no persistent state: checkpoints do not change
-                    means = self._train_means = torch.nn.ModuleDict()
-                if key not in means:
-                    means[key] = WeightedMean().to(value.device)
-                means[key](value.detach().float(), float(weight))
-                self.log(
-                    key, means[key], on_step=True, on_epoch=True, prog_bar=shown, metric_attribute=f"_train_means.{key}"
-                )
-                continue
-            # a float weight: Lightning keeps an integer count truncated by world size in sync_dist,
-            # which inflates weighted means when ranks hold uneven shares (unpadded validation)
-            self.log(
-                key,
-                value.detach().float(),
-                batch_size=float(weight),
-                on_step=False,
-                on_epoch=True,
-                sync_dist=True,
-                prog_bar=shown,
-            )
+        """Log ``name: (value, weight)`` as weighted means over all ranks (:func:`~.metric_logging.log_weighted`)."""
+        log_weighted(self, stage, metrics)
 
     def energy_metrics(self, energy: torch.Tensor, target: torch.Tensor, batch: Batch) -> dict:
         error = (energy.detach() - target).abs()
