@@ -101,8 +101,8 @@ class MACE(AbstractEnergyModel):
         num_features: channels of every irrep of the hidden and A-features (MACE's 32 or 128).
         hidden_l_max: highest ``l`` of the hidden features between layers: ``0`` (default,
             MACE's "L=0": ``num_features x 0e``, as in the MACE-MP small models) or ``1``
-            (``num_features x (0e + 1o)``, 3x the cost of a force-training step: the second
-            interaction's per-edge messages grow from 512 to 1280 components at ``sh_l_max=3``).
+            (``num_features x (0e + 1o)``, about 2.5x the cost of a force-training step: the
+            second interaction's paths grow from 4 to 10 at ``sh_l_max=3``).
             The last layer keeps only scalars either way.
         sh_l_max: highest ``l`` of the edge spherical harmonics (and of the A-features).
         correlation: copies of A multiplied in the symmetric contraction, 1 to 3 (MACE's default 3).
