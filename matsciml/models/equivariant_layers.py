@@ -242,8 +242,7 @@ class Interaction(nn.Module):
         self.tp = o3.TensorProduct(
             self.irreps_in, self.irreps_sh, irreps_mid, instructions, shared_weights=False, internal_weights=False
         )
-        # the same product summed over neighbours by matrix products (faster; e3nn's is the reference)
-        self.neighbour_tp = NeighbourTensorProduct(self.tp)
+        self.neighbour_tp = NeighbourTensorProduct(self.tp)  # the same sums, faster; self.tp: the reference
         self.radial = radial_mlp(num_basis, radial_hidden, self.tp.weight_numel)
         self.linear_2 = o3.Linear(irreps_mid.simplify(), self.irreps_out)
 
@@ -317,6 +316,7 @@ class SpeciesLinear(nn.Module):
     def __init__(self, irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str, num_species: int):
         super().__init__()
         self.irreps_in, self.irreps_out = o3.Irreps(irreps_in).simplify(), o3.Irreps(irreps_out).simplify()
+        self.num_rows = num_species + 1
         self.weights = nn.ParameterList()
         # per output irrep: (input slice, mul_in, index into weights) or None (no input of that irrep)
         self.paths: list[tuple[slice, int, int] | None] = []
@@ -332,7 +332,8 @@ class SpeciesLinear(nn.Module):
             self.weights.append(nn.Parameter(torch.randn(num_species + 1, mul_in, mul_out)))
 
     def species_indexed(self) -> dict[str, SpeciesAxis]:
-        return {f"weights.{i}": SpeciesAxis(dim=0) for i in range(len(self.weights))}
+        # num_species=0: one map shared by all species, without a species axis
+        return {} if self.num_rows == 1 else {f"weights.{i}": SpeciesAxis(dim=0) for i in range(len(self.weights))}
 
     def forward(self, x: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         blocks = []

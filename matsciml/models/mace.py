@@ -55,6 +55,8 @@ class MACELayer(nn.Module):
         correlation: most copies of A multiplied in the contraction.
         num_basis, radial_hidden, avg_num_neighbors: of the interaction's radial MLP and sum.
         num_species: atomic numbers 1 .. num_species.
+        species_weights: the contraction's and the self-connection's weights depend on the centre's
+            species (MACE's); ``False``: one set shared by all species.
 
     Shapes:
         ``h (num_atoms, irreps_in.dim)``, ``numbers (num_atoms,)``, ``edge_sh (num_edges, irreps_sh.dim)``,
@@ -72,13 +74,17 @@ class MACELayer(nn.Module):
         radial_hidden: Sequence[int],
         avg_num_neighbors: float,
         num_species: int,
+        species_weights: bool = True,
     ):
         super().__init__()
         irreps_a = reachable(irreps_in, irreps_sh, o3.Irreps([(num_features, ir) for _, ir in irreps_sh]))
         self.interaction = Interaction(irreps_in, irreps_sh, irreps_a, num_basis, radial_hidden, avg_num_neighbors)
-        self.contraction = SymmetricContraction(irreps_a, irreps_out, correlation, num_species + 1)
+        # shared: tables of one row, which every atom reads (row 0)
+        self.species_weights = species_weights
+        rows = num_species if species_weights else 0
+        self.contraction = SymmetricContraction(irreps_a, irreps_out, correlation, rows + 1)
         self.linear = o3.Linear(irreps_out, irreps_out)
-        self.self_connection = SpeciesLinear(irreps_in, irreps_out, num_species)
+        self.self_connection = SpeciesLinear(irreps_in, irreps_out, rows)
         self.irreps_out = o3.Irreps(irreps_out)
 
     def forward(
@@ -90,7 +96,8 @@ class MACELayer(nn.Module):
         edge_index: torch.Tensor,
     ) -> torch.Tensor:
         a = self.interaction(h, edge_sh, edge_radial, edge_index)
-        return self.linear(self.contraction(a, numbers)) + self.self_connection(h, numbers)
+        rows = numbers if self.species_weights else numbers.new_zeros(numbers.shape)
+        return self.linear(self.contraction(a, rows)) + self.self_connection(h, rows)
 
 
 class MACE(AbstractEnergyModel):
@@ -116,6 +123,11 @@ class MACE(AbstractEnergyModel):
             :data:`~matsciml.models.nequip.FALLBACK_AVG_NUM_NEIGHBORS`.
         parity: O(3) (``True``) or only SO(3) equivariance (see ``equivariant_layers``).
         num_species: atomic numbers 1 .. num_species.
+        species_weights: ``True`` (MACE's): the symmetric contraction's weights and the
+            self-connection depend on the centre's species. ``False``: one set for all species,
+            which then differ through their embedding, the neighbours' features and the per-species
+            scale and shift only; fewer parameters, and on the 200-structure S2EF devset a lower
+            validation force error (docs/benchmarks.md).
     """
 
     per_atom = True
@@ -136,6 +148,7 @@ class MACE(AbstractEnergyModel):
         avg_num_neighbors: float | None = None,
         parity: bool = True,
         num_species: int = 100,
+        species_weights: bool = True,
     ):
         super().__init__(cutoff)
         if num_interactions < 1 or num_features < 1 or readout_hidden < 1:
@@ -171,6 +184,7 @@ class MACE(AbstractEnergyModel):
                 list(radial_hidden),
                 avg_num_neighbors,
                 num_species,
+                species_weights,
             )
             self.layers.append(layer)
             self.readouts.append(ScalarReadout(layer.irreps_out, readout_hidden if last else None))

@@ -194,7 +194,10 @@ class SymmetricContraction(nn.Module):
         return combos, torch.cat(columns, dim=1) * orderings[:, None]
 
     def species_indexed(self) -> dict[str, SpeciesAxis]:
-        """Rows of every weight table are species indices (:mod:`matsciml.models.species_axes`)."""
+        """Rows of every weight table are species indices (:mod:`matsciml.models.species_axes`);
+        a table of one row is shared by all species, so it has no species axis."""
+        if self.weights[0].shape[0] == 1:
+            return {}
         return {f"weights.{i}": SpeciesAxis(dim=0) for i in range(len(self.weights))}
 
     def forward(self, features: torch.Tensor, species: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,11 @@ class TestMACE(PhysicsBattery):
         return MACE(cutoff=self.cutoff, **SMALL)
 
 
+class TestMACESharedSpeciesWeights(PhysicsBattery):
+    def make_model(self):
+        return MACE(cutoff=self.cutoff, species_weights=False, **SMALL)
+
+
 def small_mace(**overrides):
     torch.manual_seed(0)
     return MACE(cutoff=5.0, **{**SMALL, **overrides}).double().eval()
@@ -95,6 +100,25 @@ def test_mace_defaults():
     assert vector_hidden.layers[1].irreps_out == o3.Irreps("32x0e"), "the last layer keeps only scalars"
     assert vector_hidden.layers[1].contraction.irreps_in == o3.Irreps("32x0e+32x1o+32x2e+32x3o")
     assert model.radial_basis.frequencies.numel() == 8 and model.envelope.p == 5
+
+
+def test_shared_species_weights_are_one_row_read_by_every_atom():
+    from matsciml.models.species_axes import species_axes
+
+    shared, per_species = small_mace(species_weights=False), small_mace()
+    for layer in shared.layers:
+        assert {w.shape[0] for w in layer.contraction.weights} == {1}
+        assert {w.shape[0] for w in layer.self_connection.weights} == {1}
+    # only the embedding and the scale and shift still grow with the elements of a fine-tune
+    assert sorted(species_axes(shared)) == ["embedding.embedding.weight", "scale_shift.scale", "scale_shift.shift"]
+    assert len(species_axes(per_species)) > 3
+    assert sum(p.numel() for p in shared.parameters()) < sum(p.numel() for p in per_species.parameters())
+    # the species still matter: through the embedding and the neighbours' features
+    atoms = slab()
+    swapped = atoms.copy()
+    swapped.numbers[0] = 29 if atoms.numbers[0] != 29 else 46
+    energies, _ = energy_and_forces(shared, graph([atoms, swapped]))
+    assert not torch.isclose(energies[0], energies[1])
 
 
 def test_an_untrained_model_starts_near_zero():
