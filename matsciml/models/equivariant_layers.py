@@ -10,8 +10,9 @@ Features are e3nn irreps arrays: ``(num_atoms, irreps.dim)``, scalars ``0e`` fir
 :class:`Interaction` convolves neighbour features with ``Y`` through those weights and sums
 onto the centre; :func:`gate_for` builds the gated nonlinearity that follows. Species enter
 through :class:`SpeciesEmbedding` and :class:`SpeciesLinear` (self-connection), energies leave
-through :class:`ScalarReadout` and :class:`PerSpeciesScaleShift`. :func:`undirected_pairs` lets the
-radial part run once per atom pair instead of once per directed edge.
+through :class:`ScalarReadout` and :class:`PerSpeciesScaleShift`.
+:func:`~matsciml.models.edge_pairs.undirected_pairs` lets the radial part run once per atom pair
+instead of once per directed edge.
 
 Parity: with ``parity=True`` the spherical harmonics are ``Y_l`` with parity ``(-1)^l`` and the
 model is O(3)-equivariant (energies are also mirror-invariant). With ``parity=False`` every irrep
@@ -137,36 +138,6 @@ def reachable(irreps_in: o3.Irreps, irreps_sh: o3.Irreps, irreps_target: o3.Irre
     return o3.Irreps([(mul, ir) for mul, ir in irreps_target if ir in products])
 
 
-def undirected_pairs(edge_index: torch.Tensor, cell_shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One representative edge per atom pair, and each edge's pair.
-
-    A radius graph holds ``j -> i`` (shift ``S``) and ``i -> j`` (shift ``-S``): their vectors are exact
-    negatives, so distances, radial bases and radial-MLP weights are bitwise equal. Computing those per
-    pair halves the radial work (the radial MLPs are a third of a NequIP force-training step). Edges
-    without their reverse (a neighbour cap) are pairs of their own.
-
-    Returns:
-        ``representatives (num_pairs,)``: an edge of each pair; ``pair (num_edges,)``: its pair's index.
-    """
-    j, i = edge_index
-    shifts = cell_shifts.to(torch.int64)
-    # orient every edge from the lower to the higher atom index; for i == j (a periodic image of
-    # itself), take the shift whose first non-zero component is positive
-    first_nonzero = torch.gather(shifts, 1, (shifts != 0).to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
-    flip = (i > j) | ((i == j) & (first_nonzero < 0))
-    low, high = torch.where(flip, j, i), torch.where(flip, i, j)
-    shifts = torch.where(flip.unsqueeze(-1), -shifts, shifts)
-    base = 2 * int(shifts.abs().max()) + 1 if shifts.numel() else 1
-    num_atoms = int(edge_index.max()) + 1 if edge_index.numel() else 1
-    key = low * num_atoms + high
-    for axis in range(3):
-        key = key * base + shifts[:, axis] + base // 2
-    unique, pair = torch.unique(key, return_inverse=True)
-    representatives = torch.empty(unique.shape[0], dtype=torch.int64, device=key.device)
-    representatives.scatter_(0, pair, torch.arange(key.shape[0], device=key.device))
-    return representatives, pair
-
-
 def gate_for(irreps_hidden: o3.Irreps) -> e3nn_nn.Gate:
     """Gated nonlinearity whose output is ``irreps_hidden``.
 
@@ -256,8 +227,8 @@ class Interaction(nn.Module):
     ) -> torch.Tensor:
         """Messages summed per centre and normalised, ``(num_atoms, irreps_mid.dim)``.
 
-        With ``pair`` (from :func:`undirected_pairs`), ``edge_radial`` holds one row per pair
-        ``(num_pairs, num_basis)`` and the radial MLP runs once per pair.
+        With ``pair`` (from :func:`~matsciml.models.edge_pairs.undirected_pairs`), ``edge_radial``
+        holds one row per pair ``(num_pairs, num_basis)`` and the radial MLP runs once per pair.
         """
         j, i = edge_index
         # the normalisation is linear: applied to the nodes, it costs num_atoms, not num_edges

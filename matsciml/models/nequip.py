@@ -28,6 +28,7 @@ from torch import nn
 
 from matsciml.data.batch import Batch
 from matsciml.models.base import AbstractEnergyModel
+from matsciml.models.edge_pairs import undirected_pairs
 from matsciml.models.equivariant_layers import (
     BesselBasis,
     EdgeAttributes,
@@ -40,7 +41,6 @@ from matsciml.models.equivariant_layers import (
     gate_for,
     hidden_irreps,
     reachable,
-    undirected_pairs,
 )
 
 #: used when no data statistic is given (a model built outside the CLI); ~fcc within 5 Å

@@ -5,6 +5,7 @@ import torch
 from e3nn import o3
 from e3nn.util.test import assert_equivariant
 
+from matsciml.models.edge_pairs import undirected_pairs
 from matsciml.models.equivariant_layers import (
     BesselBasis,
     EdgeAttributes,
@@ -16,7 +17,6 @@ from matsciml.models.equivariant_layers import (
     gate_for,
     hidden_irreps,
     reachable,
-    undirected_pairs,
 )
 
 
