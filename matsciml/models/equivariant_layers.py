@@ -32,6 +32,7 @@ from e3nn import o3
 from torch import nn
 
 from matsciml.models import base as model_base
+from matsciml.models.edge_pairs import undirected_pairs  # noqa: F401 (importable from its former home)
 from matsciml.models.layers import OUTPUT_GAIN
 from matsciml.models.neighbour_products import NeighbourTensorProduct
 from matsciml.models.species_axes import SpeciesAxis
