@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import QUICK_FIT
 
 from matsciml.artifacts.export import MODEL_FILE, TORCH_FILE, ExportError, load_model
 from matsciml.artifacts.trust import UntrustedClassError
@@ -19,16 +20,6 @@ from matsciml.records import provenance
 from matsciml.tasks import S2EFTask
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = [
-    "--config",
-    "configs/devset/s2ef-egnn.yaml",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.log_every_n_steps=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
 # the fresh process: load the package through the public name, predict on the saved batch, save the result;
 # with this process's thread count, as parallel reductions (force sums) change their last bits with it
 PREDICT = """
@@ -48,7 +39,7 @@ def run_dir(tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("fit")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)
-        assert main(["fit", *QUICK, f"--trainer.logger.init_args.save_dir={save_dir}"]) == 0
+        assert main(["fit", *QUICK_FIT, f"--trainer.logger.init_args.save_dir={save_dir}"]) == 0
     return save_dir / "lightning_logs" / "version_0"
 
 
